@@ -1,0 +1,126 @@
+"""The only module that speaks to Redis: key names, connections and the Lua scripts.
+
+Knows the layout of DESIGN.md §2; knows nothing of processes or of where records go next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
+
+from task_job.config import Config
+from task_job.errors import ConfigError
+
+SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue")
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Every key name of one queue, built once; new keys share the hash tag {Q}."""
+
+    queue: str
+    control: str
+    logs: str
+    dead: str
+    tag: str
+
+    @classmethod
+    def for_config(cls, config: Config) -> Keys:
+        q = config.queue_name
+        return cls(queue=q, control=config.queue_control_name, logs=config.logs_channel,
+                   dead=f"{q}_dead", tag=f"{{{q}}}")
+
+    @property
+    def executors(self) -> str:
+        return f"{self.tag}:executors"
+
+    @property
+    def scheduled(self) -> str:
+        return f"{self.tag}:scheduled"
+
+    def processing(self, executor: str) -> str:
+        return f"{self.tag}:processing:{executor}"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.tag}:task:{task_id}"
+
+    def executor(self, executor: str) -> str:
+        return f"{self.tag}:executor:{executor}"
+
+    def inbox(self, executor: str) -> str:
+        return f"{self.tag}:control:{executor}"
+
+    def log(self, task_id: str) -> str:
+        return f"{self.tag}:log:{task_id}"
+
+
+class Scripts:
+    """The Lua scripts, loaded once and called by name through EVALSHA."""
+
+    def __init__(self) -> None:
+        self.source: dict[str, str] = {}
+        self.sha: dict[str, str] = {}
+        for name in SCRIPT_NAMES:
+            text = resources.files("task_job").joinpath(f"lua/{name}.lua").read_text("utf-8")
+            self.source[name] = text
+            self.sha[name] = hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+    async def load(self, client: aioredis.Redis) -> None:
+        for name in SCRIPT_NAMES:
+            await client.script_load(self.source[name])
+
+    def queue(self, pipe: Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Add a script call to a pipeline (the scripts must be loaded: see `call`)."""
+        pipe.evalsha(self.sha[name], len(keys), *keys, *args)
+
+    async def call(self, client: aioredis.Redis, name: str, keys: Sequence[str],
+                   args: Sequence[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[misc]
+        except NoScriptError:
+            await self.load(client)  # Redis restarted or SCRIPT FLUSH: load and go on
+            return await client.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[misc]
+
+
+def connect(addr: str, **options: Any) -> aioredis.Redis:
+    """A client for `redis_addr`: host:port, redis://, rediss://, unix://."""
+    if addr == "embedded":
+        raise ConfigError("redis_addr: 'embedded' must be started first (task-job run --embedded)")
+    if addr.startswith("sentinel://"):
+        raise ConfigError("redis_addr: sentinel:// is not supported yet")
+    url = addr if "://" in addr else f"redis://{addr}"
+    options.setdefault("socket_connect_timeout", 5)
+    if not url.startswith("unix://"):
+        options.setdefault("socket_keepalive", True)
+    return aioredis.Redis.from_url(url, **options)
+
+
+class Broker:
+    """Redis for one executor or client: the keys of its queue, a client, the scripts."""
+
+    def __init__(self, config: Config, *, client: aioredis.Redis | None = None) -> None:
+        self.config = config
+        self.keys = Keys.for_config(config)
+        # No socket timeout: blocking commands wait longer than any read would; liveness of
+        # the socket is watched by TCP keepalive and by the blocking commands' own timeouts.
+        self.redis = client or connect(config.redis_addr, socket_timeout=None)
+        self.scripts = Scripts()
+
+    async def start(self) -> None:
+        await self.scripts.load(self.redis)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        return await self.scripts.call(self.redis, name, keys, args)
+
+    async def server_version(self) -> tuple[int, ...]:
+        info = await self.redis.info("server")
+        return tuple(int(p) for p in str(info["redis_version"]).split(".")[:3])

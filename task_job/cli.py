@@ -1,0 +1,353 @@
+"""The `task-job` command line (click): run, submit, kill, logs, executors, check-config.
+
+Accepts the original's Go-style flags (`-config=FILE`, `-alsologtostderr`, `-log_dir=DIR`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import orjson
+
+from task_job import __version__
+from task_job.config import Config, load_config
+from task_job.errors import ConfigError, TaskJobError
+
+_GO_FLAG = re.compile(r"-([A-Za-z][A-Za-z0-9_]+)(=.*)?")
+
+
+def normalize_argv(args: list[str]) -> list[str]:
+    """Turn Go-style single-dash long flags into click's: -log_dir=X -> --log-dir=X."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            out.extend(args[i:])
+            break
+        match = _GO_FLAG.fullmatch(arg)
+        if match:
+            out.append("--" + match.group(1).replace("_", "-") + (match.group(2) or ""))
+        else:
+            out.append(arg)
+    return out
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"task-job: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config_path: str | None, check_paths: bool = True, **overrides: Any) -> Config:
+    try:
+        return load_config(config_path, overrides=overrides, check_paths=check_paths)
+    except ConfigError as exc:
+        fail(f"config error: {exc}")
+
+
+config_option = click.option("--config", "config_path", metavar="FILE",
+                             help="JSON config file (// comments allowed).")
+redis_option = click.option("--redis", "redis_addr", metavar="URL",
+                            help="Redis address (host:port, redis://, rediss://, unix://).")
+queue_option = click.option("--queue", "queue_name", metavar="NAME", help="queue_name.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="task-job")
+def cli() -> None:
+    """task-job: run shell-command tasks from a Redis list, confined, with streamed output."""
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--embedded", is_flag=True, help="Start a private redis-server under state_dir.")
+@click.option("--cmd-dir", metavar="DIR", help="cmd_dir: where commands must live.")
+@click.option("--executor-id", metavar="ID", help="executor_id (default host:pid).")
+@click.option("--max-concurrency", type=int, metavar="N", help="Tasks run at once.")
+@click.option("--state-dir", metavar="DIR", help="state_dir (spool, embedded Redis).")
+@click.option("--log-dir", metavar="DIR", help="Write logs to DIR/task-job.log.")
+@click.option("--alsologtostderr", is_flag=True, help="With --log-dir, log to stderr too.")
+@click.option("--logtostderr", is_flag=True, help="Log to stderr only.")
+@click.option("--demo", is_flag=True,
+              help="Run a sample task end to end, print its records, then stop.")
+def run(config_path: str | None, redis_addr: str | None, queue_name: str | None, embedded: bool,
+        cmd_dir: str | None, executor_id: str | None, max_concurrency: int | None,
+        state_dir: str | None, log_dir: str | None, alsologtostderr: bool, logtostderr: bool,
+        demo: bool) -> None:
+    """Run an executor until SIGTERM/SIGINT (running tasks drain first)."""
+    from task_job.embedded import RedisServer
+    from task_job.logs import setup_logging
+
+    overrides = dict(redis_addr=redis_addr, queue_name=queue_name, cmd_dir=cmd_dir,
+                     executor_id=executor_id, max_concurrency=max_concurrency,
+                     state_dir=state_dir, log_dir=None if logtostderr else log_dir)
+    config = _load(config_path, check_paths=not demo, **overrides)
+    if demo:
+        demo_dir = Path(config.state_dir) / "demo"
+        _write_demo_script(demo_dir)
+        config = dataclasses.replace(config, cmd_dir=str(demo_dir))
+    setup_logging(config.log_level, config.log_dir,
+                  to_stderr=alsologtostderr or logtostderr or not config.log_dir)
+    server = None
+    if embedded or config.redis_addr == "embedded":
+        try:
+            server = RedisServer(Path(config.state_dir) / "redis", unix_socket=True,
+                                 appendonly=True).start()
+        except (ConfigError, RuntimeError, OSError) as exc:
+            fail(f"embedded redis: {exc}")
+        config = dataclasses.replace(config, redis_addr=server.url)
+        click.echo(f"task-job: embedded redis at {server.url}", err=True)
+    try:
+        code = asyncio.run(_run(config, demo))
+    except TaskJobError as exc:
+        fail(str(exc))
+    except (ConnectionError, OSError) as exc:
+        fail(f"redis at {config.redacted_redis_addr}: {exc}", code=1)
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(code)
+
+
+DEMO_SCRIPT = """#!/bin/sh
+# A sample task: output on both streams, a little time, exit status 0.
+echo "hello from task $TASK_JOB_DEMO on $(hostname)"
+for i in 1 2 3; do echo "step $i of 3"; sleep 0.2; done
+echo "a line on stderr" >&2
+echo "args: $*"
+"""
+
+
+def _write_demo_script(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "hello.sh"
+    script.write_text(DEMO_SCRIPT)
+    script.chmod(0o755)
+
+
+async def _run(config: Config, demo: bool) -> int:
+    from task_job.executor import Executor
+
+    executor = Executor(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, executor.stop)
+    runner = asyncio.create_task(executor.run())
+    code = 0
+    if demo:
+        ready = asyncio.ensure_future(executor.wait_ready())
+        await asyncio.wait({ready, runner}, return_when=asyncio.FIRST_COMPLETED)
+        if runner.done():
+            ready.cancel()
+            await runner  # start-up failed: raise its error
+        code = await _demo(config)
+        executor.stop()
+    await runner
+    return code
+
+
+async def _demo(config: Config) -> int:
+    from task_job.client import Client
+
+    async with Client(config) as client:
+        task_id = await client.submit("hello.sh", ["feature/homestead", "$HOME `date` (not expanded)"],
+                                      env={"TASK_JOB_DEMO": "demo-1"}, timeout=60)
+        click.echo(f"submitted task {task_id}: hello.sh feature/homestead '$HOME `date` (not expanded)'")
+        code = 1
+        async for record in client.records(task_id, follow=True):
+            click.echo(orjson.dumps(record.fields).decode())
+            if record.is_done:
+                code = 0 if record.fields.get("status") == "succeeded" else 1
+        click.echo(f"\nrecords went to {config.logs_channel}; submit more from another shell "
+                   f"with: task-job submit --redis {config.redis_addr} --wait -- hello.sh\n"
+                   f"(run without --demo to keep the executor serving)")
+        return code
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--env expects KEY=VALUE (got {pair!r})")
+        env[key] = value
+    return env
+
+
+def _client_config(config_path: str | None, redis_addr: str | None,
+                   queue_name: str | None) -> Config:
+    return _load(config_path, check_paths=False, redis_addr=redis_addr, queue_name=queue_name)
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--id", "task_id", metavar="ID", help="Task id (default: a random uuid).")
+@click.option("--timeout", type=float, metavar="S", help="Kill the task after S seconds.")
+@click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment.")
+@click.option("--cwd", metavar="DIR", help="Working directory inside cmd_dir.")
+@click.option("--stdin", "stdin_text", metavar="TEXT", help="Text fed to the task's stdin.")
+@click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
+@click.argument("command", nargs=-1, required=True)
+def submit(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+           task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
+           cwd: str | None, stdin_text: str | None, wait: bool, command: tuple[str, ...]) -> None:
+    """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
+    import shlex
+
+    config = _client_config(config_path, redis_addr, queue_name)
+    env = _parse_env(env_pairs)
+    cmdline = shlex.quote(command[0])  # the command word is kept as given, args verbatim
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            ident = await client.submit(cmdline, list(command[1:]), task_id=task_id,
+                                        timeout=timeout, env=env or None, cwd=cwd,
+                                        stdin=stdin_text)
+            click.echo(ident)
+            if not wait:
+                return 0
+            return await _print_records(client, ident, follow=True, as_json=False)
+
+    sys.exit(_run_client(go, config))
+
+
+def _exit_code_of(fields: dict[str, Any]) -> int:
+    if fields.get("status") == "succeeded":
+        return 0
+    code = fields.get("exit_code")
+    if isinstance(code, int):
+        return code or 1
+    sig = fields.get("signal")
+    if sig and hasattr(signal.Signals, sig):
+        return 128 + int(signal.Signals[sig])
+    return 1
+
+
+async def _print_records(client: Any, task_id: str, *, follow: bool, as_json: bool) -> int:
+    code = 0
+    async for record in client.records(task_id, follow=follow):
+        if as_json:
+            click.echo(orjson.dumps(record.fields).decode())
+        elif record.is_done:
+            click.echo(f"task-job: {task_id} {record.fields.get('status')}: {record.data}",
+                       err=True)
+        else:
+            out = sys.stderr if record.msg_type == "stderr" else sys.stdout
+            out.buffer.write(record.payload)
+            out.flush()
+        if record.is_done:
+            code = _exit_code_of(record.fields)
+    return code
+
+
+def _run_client(go: Any, config: Config) -> int:
+    try:
+        return int(asyncio.run(go()))
+    except KeyboardInterrupt:
+        return 130
+    except TaskJobError as exc:
+        fail(str(exc))
+    except (ConnectionError, OSError) as exc:
+        fail(f"redis at {config.redacted_redis_addr}: {exc}", code=1)
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.argument("task_id")
+def kill(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+         task_id: str) -> None:
+    """Kill a task wherever it runs (or cancel it before it starts)."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            await client.kill(task_id)
+        click.echo(f"kill sent for {task_id}")
+        return 0
+
+    sys.exit(_run_client(go, config))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("-f", "--follow", is_flag=True, help="Stream live until the task is done.")
+@click.option("--json", "as_json", is_flag=True, help="Print raw records.")
+@click.argument("task_id")
+def logs(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+         follow: bool, as_json: bool, task_id: str) -> None:
+    """Print a task's output (stdout to stdout, stderr to stderr)."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            return await _print_records(client, task_id, follow=follow, as_json=as_json)
+
+    sys.exit(_run_client(go, config))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def executors(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+              as_json: bool) -> None:
+    """List the executors of the fleet."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            rows = await client.executors()
+        if as_json:
+            click.echo(orjson.dumps(rows).decode())
+            return 0
+        click.echo(f"{'ID':40} {'HOST':20} {'RUNNING':>9} {'HEARTBEAT':>10}")
+        for row in rows:
+            click.echo(f"{row['id']:40} {row.get('host', '?'):20} "
+                       f"{row.get('running', '?'):>4}/{row.get('slots', '?'):<4} "
+                       f"{row['heartbeat_age_s']:>9.1f}s")
+        return 0
+
+    sys.exit(_run_client(go, config))
+
+
+@cli.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file; print the effective settings."""
+    config = _load(path)
+    click.echo(f"ok: {path}")
+    for field in dataclasses.fields(config):
+        value = config.redacted_redis_addr if field.name == "redis_addr" else getattr(config, field.name)
+        click.echo(f"  {field.name} = {value!r}")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli.main(args=normalize_argv(sys.argv[1:]), prog_name="task-job")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""`Client`: submit tasks, kill them, read and follow their records. Used by the CLI.
+
+Talks to Redis through `Broker`'s key names; never runs tasks itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, AsyncIterator, Sequence
+
+from task_job.broker import Broker
+from task_job.config import Config
+from task_job.protocol import Record, build_control, build_task, parse_record
+
+
+class Client:
+    """Producer-side API of one queue.
+
+    >>> async with Client(Config(redis_addr="127.0.0.1:6379")) as c:   # doctest: +SKIP
+    ...     task_id = await c.submit("install.sh", ["feature/homestead"], timeout=3600)
+    ...     done = await c.wait(task_id)
+    """
+
+    def __init__(self, config: Config | None = None, **overrides: Any) -> None:
+        config = config or Config()
+        if overrides:
+            from dataclasses import replace
+            config = replace(config, **overrides)
+        self.config = config
+        self.broker = Broker(config)
+        self.keys = self.broker.keys
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    async def submit(
+        self, cmdline: str, cmd_args: Sequence[str] = (), *, task_id: str | None = None,
+        timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
+        stdin: str | None = None, type: str | None = "start", tube: str | None = None,
+        on_lost: str | None = None,
+    ) -> str:
+        """Push a task (RPUSH onto the queue); returns its id."""
+        task_id = task_id or uuid.uuid4().hex
+        message = build_task(task_id, cmdline, cmd_args, type=type, tube=tube, timeout=timeout,
+                             env=env, cwd=cwd, stdin=stdin, on_lost=on_lost)
+        await self.broker.redis.rpush(self.keys.queue, message)  # type: ignore[misc]
+        return task_id
+
+    async def push_raw(self, message: bytes | str) -> None:
+        """Push a message exactly as given (for compatibility tests and tools)."""
+        await self.broker.redis.rpush(self.keys.queue, message)  # type: ignore[misc]
+
+    async def kill(self, task_id: str) -> None:
+        """Ask the fleet to kill a task (or cancel it if it has not started)."""
+        await self.broker.redis.rpush(self.keys.control, build_control(task_id))  # type: ignore[misc]
+
+    async def state(self, task_id: str) -> dict[str, str]:
+        raw = await self.broker.redis.hgetall(self.keys.task(task_id))  # type: ignore[misc]
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def records(self, task_id: str, *, follow: bool = False,
+                      block: float = 1.0) -> AsyncIterator[Record]:
+        """A task's records from its stream; with follow, until (and including) `done`."""
+        key = self.keys.log(task_id)
+        last = b"0-0"
+        while True:
+            reply = await self.broker.redis.xread({key: last}, count=1000,
+                                                  block=int(block * 1000) if follow else None)
+            if not reply:
+                if not follow:
+                    return
+                continue
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    record = parse_record(fields[b"r"])
+                    yield record
+                    if record.is_done:
+                        return
+
+    async def wait(self, task_id: str, timeout: float | None = None) -> Record:
+        """Wait for a task's done record and return it."""
+        async with asyncio.timeout(timeout):
+            async for record in self.records(task_id, follow=True):
+                if record.is_done:
+                    return record
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def executors(self) -> list[dict[str, Any]]:
+        """The registered executors with the age of their last heartbeat."""
+        redis = self.broker.redis
+        now_ms = time.time() * 1000
+        out = []
+        for member, score in await redis.zrange(self.keys.executors, 0, -1, withscores=True):
+            ident = member.decode()
+            info = await redis.hgetall(self.keys.executor(ident))  # type: ignore[misc]
+            row: dict[str, Any] = {k.decode(): v.decode() for k, v in info.items()}
+            row["id"] = ident
+            row["heartbeat_age_s"] = round((now_ms - score) / 1000, 3)
+            out.append(row)
+        return out

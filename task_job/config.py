@@ -1,0 +1,251 @@
+"""Load and validate the configuration: a JSON file (with `//` comments), env, CLI overrides.
+
+Owns the one frozen `Config`; never opens a connection or spawns anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from task_job.errors import ConfigError
+
+ENV_PREFIX = "TASK_JOB_"
+CONFINE_MODES = ("strict", "cwd")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "task-job")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of an executor; see config.example.json for each key's meaning."""
+
+    # Keys of the original task-job, with its names and defaults.
+    server_port: int = 0
+    redis_addr: str = field(default="127.0.0.1:6379", repr=False)
+    queue_name: str = "queue_job_task"
+    queue_control_name: str = ""  # "" -> <queue_name>_control
+    logs: bool = True
+    logs_channel: str = ""  # "" -> <queue_name>_logs
+    logs_http: str = ""
+    cmd_dir: str = "/tmp"
+    # New keys.
+    executor_id: str = ""  # "" -> <hostname>:<pid>
+    labels: tuple[str, ...] = ()
+    max_concurrency: int = 8
+    kill_grace: float = 5.0
+    drain_timeout: float = 30.0
+    interpreters: tuple[str, ...] = ("sh", "bash", "python3", "perl")
+    confine: str = "strict"
+    state_dir: str = field(default_factory=default_state_dir)
+    heartbeat_interval: float = 5.0
+    dead_after: float = 30.0
+    max_message_bytes: int = 1 << 20
+    record_max_bytes: int = 64 << 10
+    buffer_bytes: int = 8 << 20
+    max_output: int = 0
+    task_ttl: int = 7 * 86400
+    task_log_max_records: int = 10000
+    task_log_ttl: int = 86400
+    log_dir: str = ""
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        # Derived defaults, as the original: an empty string means "use the default".
+        if not self.queue_control_name:
+            object.__setattr__(self, "queue_control_name", f"{self.queue_name}_control")
+        if not self.logs_channel:
+            object.__setattr__(self, "logs_channel", f"{self.queue_name}_logs")
+        if not self.executor_id:
+            object.__setattr__(self, "executor_id", f"{socket.gethostname()}:{os.getpid()}")
+
+    @property
+    def redacted_redis_addr(self) -> str:
+        return redact_url(self.redis_addr)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return f"Config(redis_addr={self.redacted_redis_addr!r}, {shown})"
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by `***`, fit for logs."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def strip_comments(text: str) -> str:
+    """Remove `//` line comments outside JSON strings (the original's example file has them)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    in_string = False
+    while i < n:
+        ch = text[i]
+        if in_string:
+            out.append(ch)
+            if ch == "\\" and i + 1 < n:
+                out.append(text[i + 1])
+                i += 2
+                continue
+            if ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+            out.append(ch)
+        elif ch == "/" and text.startswith("//", i):
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _coerce(name: str, value: Any, from_env: bool) -> Any:
+    """Convert a value to the type of key `name`, or raise ConfigError naming the key."""
+    f = FIELDS[name]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    kind = type(default)
+    where = f"{ENV_PREFIX}{name.upper()}" if from_env else name
+    if isinstance(value, str) and value.strip() == "" and kind is not str:
+        return default  # "" means "use the default", as in the original
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if kind is tuple:
+            if isinstance(value, str):
+                value = orjson.loads(value) if value.lstrip().startswith("[") else value.split(",")
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("expected a list of strings")
+            return tuple(v.strip() for v in value if v.strip())
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"{where}: {exc} (got {value!r})") from exc
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    check_paths: bool = True,
+) -> Config:
+    """File, then `TASK_JOB_<KEY>` variables, then CLI overrides; validated."""
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        try:
+            data = orjson.loads(strip_comments(text)) if text.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path}: not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: must hold a JSON object")
+        for key, value in data.items():
+            if key not in FIELDS:
+                raise ConfigError(f"{key}: unknown key in {path}")
+            values[key] = _coerce(key, value, from_env=False)
+    environ = os.environ if env is None else env
+    for key in FIELDS:
+        raw = environ.get(f"{ENV_PREFIX}{key.upper()}")
+        if raw is not None:
+            values[key] = _coerce(key, raw, from_env=True)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value, from_env=False)
+    config = Config(**values)
+    validate(config, check_paths=check_paths)
+    return config
+
+
+def _positive(config: Config, key: str, allow_zero: bool = False) -> None:
+    value = getattr(config, key)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'} (got {value})")
+
+
+def validate(config: Config, *, check_paths: bool = True) -> None:
+    for key in ("max_concurrency", "heartbeat_interval", "dead_after", "max_message_bytes",
+                "record_max_bytes", "buffer_bytes", "task_ttl", "task_log_max_records",
+                "task_log_ttl"):
+        _positive(config, key)
+    for key in ("kill_grace", "drain_timeout", "max_output", "server_port"):
+        _positive(config, key, allow_zero=True)
+    if config.server_port > 65535:
+        raise ConfigError(f"server_port: {config.server_port} is not a port")
+    if config.dead_after <= config.heartbeat_interval:
+        raise ConfigError("dead_after: must be longer than heartbeat_interval")
+    if config.buffer_bytes < 2 * config.record_max_bytes:
+        raise ConfigError("buffer_bytes: must be at least twice record_max_bytes")
+    if config.confine not in CONFINE_MODES:
+        raise ConfigError(f"confine: must be one of {', '.join(CONFINE_MODES)} (got {config.confine!r})")
+    if config.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
+    if not config.queue_name:
+        raise ConfigError("queue_name: must not be empty")
+    if not config.interpreters and config.confine == "strict":
+        pass  # no interpreters: only executables inside cmd_dir may run
+    addr = config.redis_addr
+    if addr != "embedded" and "://" in addr:
+        scheme = addr.split("://", 1)[0]
+        if scheme not in ("redis", "rediss", "unix", "sentinel"):
+            raise ConfigError(f"redis_addr: unsupported scheme {scheme!r} (redis, rediss, unix, sentinel)")
+    elif addr != "embedded":
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"redis_addr: expected host:port or a redis:// URL (got {addr!r})")
+    if check_paths:
+        if not os.path.isdir(config.cmd_dir):
+            raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")
+        if config.log_dir and os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
+            raise ConfigError(f"log_dir: {config.log_dir} is not a directory")
+
+
+def cmd_dir_is_shared(cmd_dir: str) -> bool:
+    """True when users other than the owner can write into cmd_dir (or its resolution)."""
+    try:
+        st = os.stat(os.path.realpath(cmd_dir))
+    except OSError:
+        return False
+    return bool(st.st_mode & 0o022)

@@ -1,0 +1,38 @@
+-- finish: write a task's done record and settle it, atomically, exactly once.
+-- KEYS[1]  logs list (logs_channel)
+-- KEYS[2]  {Q}:log:<id>             per-task stream
+-- KEYS[3]  {Q}:task:<id>            state hash
+-- KEYS[4]  {Q}:processing:<exec>    the claim to remove
+-- KEYS[5]  Q_dead                   dead-letter list
+-- ARGV[1]  mode: 'own'    the task runs here (state running, executor = ARGV[2])
+--                'new'    a rejected message: only if the id has no state yet
+--                'cancel' a kill came before the start (state cancel_requested)
+-- ARGV[2]  executor id       ARGV[3]  seq of the done record    ARGV[4]  done record (JSON)
+-- ARGV[5]  raw message to remove from KEYS[4] ('' = none)
+-- ARGV[6]  dead-letter entry ('' = none), pushed only if the raw message was still claimed
+-- ARGV[7]  status            ARGV[8]  exit code ('' = null)     ARGV[9]  finished_at
+-- ARGV[10] state TTL         ARGV[11] stream TTL                ARGV[12] stream MAXLEN
+-- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
+-- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
+local removed = 1
+if ARGV[5] ~= '' then removed = redis.call('LREM', KEYS[4], 1, ARGV[5]) end
+if ARGV[6] ~= '' and removed > 0 then redis.call('RPUSH', KEYS[5], ARGV[6]) end
+local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
+local mode = ARGV[1]
+if mode == 'own' then
+  if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
+  if tonumber(st[3] or '-1') >= tonumber(ARGV[3]) then return 0 end
+elseif mode == 'new' then
+  if st[1] then return 0 end
+elseif mode == 'cancel' then
+  if st[1] ~= 'cancel_requested' then return 0 end
+else
+  return redis.error_reply('finish: unknown mode ' .. mode)
+end
+redis.call('RPUSH', KEYS[1], ARGV[4])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[11])
+redis.call('HSET', KEYS[3], 'status', ARGV[7], 'executor', ARGV[2], 'seq', ARGV[3],
+  'exit_code', ARGV[8], 'finished_at', ARGV[9])
+redis.call('EXPIRE', KEYS[3], ARGV[10])
+return 1

@@ -1,0 +1,17 @@
+-- kill: find where a task to be killed is, or mark it so that it never starts.
+-- KEYS[1]  {Q}:task:<id>
+-- ARGV[1]  now, unix seconds      ARGV[2]  TTL of a cancel mark, seconds
+-- Returns {where, detail}:
+--   'running', executor   the task runs there: route the kill to that executor
+--   'marked', ''          not started (queued, requeued, or not pushed yet): it will be
+--                         cancelled when claimed; the mark expires after ARGV[2]
+--   'finished', status    nothing to do
+local st = redis.call('HMGET', KEYS[1], 'status', 'executor')
+if not st[1] or st[1] == 'requeued' then
+  redis.call('HSET', KEYS[1], 'status', 'cancel_requested', 'kill_requested_at', ARGV[1])
+  redis.call('HSETNX', KEYS[1], 'seq', -1)
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {'marked', ''}
+end
+if st[1] == 'running' then return {'running', st[2]} end
+return {'finished', st[1]}

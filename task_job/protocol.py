@@ -1,0 +1,358 @@
+"""Parse and build the wire messages: Task, Control and Record (TaskLog). Pure, no I/O.
+
+Everything that leaves or enters Redis as JSON passes through here; past this module there
+are no raw dicts. Parsing never raises anything but `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import shlex
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from task_job.errors import ProtocolError
+
+MAX_ID_LENGTH = 256
+
+
+class Status(StrEnum):
+    """The `status` of a `done` record."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    KILLED = "killed"
+    CANCELLED = "cancelled"
+    LOST = "lost"
+    REJECTED = "rejected"
+
+
+TERMINAL_STATUSES = frozenset(Status)
+
+
+class MsgType(StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    DONE = "done"
+
+
+ON_LOST_CHOICES = ("fail", "requeue")
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A task as pushed by a producer; `raw` is the exact message, kept to remove it later."""
+
+    id: str
+    cmdline: str
+    argv: tuple[str, ...]
+    type: str | None = None
+    tube: str | None = None
+    cmd_args: tuple[str, ...] = ()
+    timeout: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    stdin: str | None = None
+    max_output: int | None = None
+    on_lost: str = "fail"
+    retries: int = 0
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control message; only `kill` exists."""
+
+    id: str
+    type: str
+
+
+def _decode_object(raw: bytes | str, max_bytes: int | None) -> dict[str, Any]:
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"message must be a JSON object, not {_kind(obj)}")
+    return obj
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+        int: "a number", float: "a number", type(None): "null",
+    }.get(type(value), type(value).__name__)
+
+
+def _read_id(obj: dict[str, Any]) -> str:
+    if "id" not in obj:
+        raise ProtocolError("missing 'id'")
+    value = obj["id"]
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ProtocolError(f"'id' must be a string or an integer, not {_kind(value)}")
+    text = str(value)
+    if not text:
+        raise ProtocolError("'id' is empty")
+    if len(text) > MAX_ID_LENGTH:
+        raise ProtocolError(f"'id' is longer than {MAX_ID_LENGTH} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise ProtocolError("'id' contains control characters")
+    return text
+
+
+def _label(obj: dict[str, Any], key: str, task_id: str) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    raise ProtocolError(f"'{key}' must be a string, not {_kind(value)}", task_id)
+
+
+def _number(value: Any, key: str, task_id: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"'{key}' must be a number, not {_kind(value)}", task_id)
+    if not math.isfinite(value):
+        raise ProtocolError(f"'{key}' must be finite", task_id)
+    return float(value)
+
+
+def _int(value: Any, key: str, task_id: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"'{key}' must be an integer, not {_kind(value)}", task_id)
+    if value < minimum:
+        raise ProtocolError(f"'{key}' must be at least {minimum}", task_id)
+    return value
+
+
+def _string(value: Any, key: str, task_id: str) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"'{key}' must be a string, not {_kind(value)}", task_id)
+    if "\x00" in value:
+        raise ProtocolError(f"'{key}' contains a NUL character", task_id)
+    return value
+
+
+def parse_task(raw: bytes | str, max_bytes: int | None = None) -> Task:
+    """Parse and validate a task message, or raise `ProtocolError` saying why."""
+    obj = _decode_object(raw, max_bytes)
+    task_id = _read_id(obj)
+    spec = obj.get("task")
+    if spec is None:
+        raise ProtocolError("missing 'task'", task_id)
+    if not isinstance(spec, dict):
+        raise ProtocolError(f"'task' must be an object, not {_kind(spec)}", task_id)
+
+    if "cmdline" not in spec:
+        raise ProtocolError("missing 'task.cmdline'", task_id)
+    cmdline = _string(spec["cmdline"], "task.cmdline", task_id)
+    try:
+        words = shlex.split(cmdline, comments=False, posix=True)
+    except ValueError as exc:
+        raise ProtocolError(f"'task.cmdline' cannot be split: {exc}", task_id) from exc
+    if not words:
+        raise ProtocolError("'task.cmdline' is empty", task_id)
+
+    raw_args = spec.get("cmd_args")
+    if raw_args is None:
+        raw_args = []
+    if not isinstance(raw_args, list):
+        raise ProtocolError(f"'task.cmd_args' must be an array, not {_kind(raw_args)}", task_id)
+    cmd_args = tuple(_string(a, f"task.cmd_args[{i}]", task_id) for i, a in enumerate(raw_args))
+
+    timeout: float | None = None
+    if spec.get("timeout") is not None:
+        value = _number(spec["timeout"], "task.timeout", task_id)
+        timeout = value if value > 0 else None
+
+    env: dict[str, str] = {}
+    raw_env = spec.get("env")
+    if raw_env is not None:
+        if not isinstance(raw_env, dict):
+            raise ProtocolError(f"'task.env' must be an object, not {_kind(raw_env)}", task_id)
+        for key, value in raw_env.items():
+            if not key or "=" in key or "\x00" in key:
+                raise ProtocolError(f"'task.env' has an invalid name {key!r}", task_id)
+            env[key] = _string(value, f"task.env.{key}", task_id)
+
+    cwd = None if spec.get("cwd") is None else _string(spec["cwd"], "task.cwd", task_id)
+    stdin = spec.get("stdin")
+    if stdin is not None and not isinstance(stdin, str):
+        raise ProtocolError(f"'task.stdin' must be a string, not {_kind(stdin)}", task_id)
+    max_output = None
+    if spec.get("max_output") is not None:
+        max_output = _int(spec["max_output"], "task.max_output", task_id)
+    on_lost = spec.get("on_lost") or "fail"
+    if on_lost not in ON_LOST_CHOICES:
+        raise ProtocolError(f"'task.on_lost' must be one of {', '.join(ON_LOST_CHOICES)}", task_id)
+    retries = 0 if spec.get("retries") is None else _int(spec["retries"], "task.retries", task_id)
+
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    return Task(
+        id=task_id, cmdline=cmdline, argv=(*words, *cmd_args),
+        type=_label(obj, "type", task_id), tube=_label(obj, "tube", task_id),
+        cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
+        max_output=max_output, on_lost=on_lost, retries=retries, raw=data,
+    )
+
+
+def peek_id(raw: bytes | str) -> str | None:
+    """The id of a message if one can be read, whatever else is wrong with it."""
+    try:
+        return _read_id(_decode_object(raw, None))
+    except ProtocolError:
+        return None
+
+
+def parse_control(raw: bytes | str, max_bytes: int | None = None) -> Control:
+    """Parse a control message (`{"id": "101", "type": "kill"}`)."""
+    obj = _decode_object(raw, max_bytes)
+    task_id = _read_id(obj)
+    kind = obj.get("type")
+    if kind != "kill":
+        raise ProtocolError(f"unknown control type {kind!r} (only 'kill' exists)", task_id)
+    return Control(id=task_id, type=kind)
+
+
+def build_task(
+    task_id: str, cmdline: str, cmd_args: list[str] | tuple[str, ...] = (), *,
+    type: str | None = "start", tube: str | None = None, timeout: float | None = None,
+    env: dict[str, str] | None = None, cwd: str | None = None, stdin: str | None = None,
+    on_lost: str | None = None,
+) -> bytes:
+    """The JSON of a task message, as `task-job submit` pushes it."""
+    spec: dict[str, Any] = {"cmdline": cmdline, "cmd_args": list(cmd_args)}
+    for key, value in (("timeout", timeout), ("env", env), ("cwd", cwd), ("stdin", stdin),
+                       ("on_lost", on_lost)):
+        if value:
+            spec[key] = value
+    msg: dict[str, Any] = {"id": task_id}
+    if type is not None:
+        msg["type"] = type
+    if tube is not None:
+        msg["tube"] = tube
+    msg["task"] = spec
+    return orjson.dumps(msg)
+
+
+def build_control(task_id: str, kind: str = "kill") -> bytes:
+    return orjson.dumps({"id": task_id, "type": kind})
+
+
+@dataclass(frozen=True, slots=True)
+class RecordHead:
+    """What every record of one task repeats: id, labels, executor."""
+
+    id: str
+    type: str | None
+    tube: str | None
+    executor: str
+
+    @classmethod
+    def of(cls, task: Task, executor: str) -> RecordHead:
+        return cls(task.id, task.type, task.tube, executor)
+
+
+def _head_dict(head: RecordHead) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": head.id, "type": head.type}
+    if head.tube is not None:
+        out["tube"] = head.tube
+    return out
+
+
+def build_output_record(
+    head: RecordHead, msg_type: MsgType, data: bytes, seq: int, ts: float
+) -> bytes:
+    """One stdout/stderr record; bytes that are not UTF-8 travel as base64."""
+    out = _head_dict(head)
+    out["msg_type"] = msg_type.value
+    try:
+        out["data"] = data.decode("utf-8")
+    except UnicodeDecodeError:
+        out["data"] = base64.b64encode(data).decode("ascii")
+        out["encoding"] = "base64"
+    out["seq"] = seq
+    out["ts"] = ts
+    out["executor"] = head.executor
+    return orjson.dumps(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a task ended: what the `done` record reports."""
+
+    status: Status
+    summary: str
+    exit_code: int | None = None
+    signal: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    duration: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_done_record(head: RecordHead, outcome: Outcome, seq: int, ts: float) -> bytes:
+    out = _head_dict(head)
+    out.update(
+        msg_type=MsgType.DONE.value, data=outcome.summary, seq=seq, ts=ts,
+        executor=head.executor, status=outcome.status.value, exit_code=outcome.exit_code,
+        signal=outcome.signal, started_at=outcome.started_at,
+        finished_at=outcome.finished_at if outcome.finished_at is not None else ts,
+        duration=outcome.duration,
+    )
+    out.update(outcome.extra)
+    return orjson.dumps(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A record as a consumer reads it back."""
+
+    id: str
+    msg_type: str
+    data: str
+    seq: int
+    fields: dict[str, Any]
+
+    @property
+    def payload(self) -> bytes:
+        """The output bytes, base64 undone."""
+        if self.fields.get("encoding") == "base64":
+            return base64.b64decode(self.data)
+        return self.data.encode("utf-8")
+
+    @property
+    def is_done(self) -> bool:
+        return self.msg_type == MsgType.DONE
+
+
+def parse_record(raw: bytes | str) -> Record:
+    obj = _decode_object(raw, None)
+    try:
+        return Record(
+            id=str(obj["id"]), msg_type=str(obj["msg_type"]), data=str(obj.get("data", "")),
+            seq=int(obj["seq"]), fields=obj,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"not a record: {exc}") from exc
+
+
+def build_dead_entry(raw: bytes, reason: str, executor: str, ts: float) -> bytes:
+    """A dead-letter entry: the original message (text or base64) and why it was refused."""
+    entry: dict[str, Any] = {"reason": reason, "executor": executor, "ts": ts}
+    try:
+        entry["raw"] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        entry["raw"] = base64.b64encode(raw).decode("ascii")
+        entry["encoding"] = "base64"
+    return orjson.dumps(entry)

@@ -1,0 +1,332 @@
+"""Spawn, confine, stream, time out and kill one task's process group.
+
+Knows nothing of Redis: output goes to a callback, the outcome is returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Awaitable, Callable, Mapping, Sequence
+
+from task_job.errors import ConfinementError
+from task_job.protocol import MsgType
+
+READ_CHUNK = 64 << 10
+# After the task's main process exits, how long its leftovers may keep the pipes open
+# before the rest of the group is killed (a backgrounded child must not hang the task).
+ORPHAN_GRACE = 2.0
+
+# Options each interpreter family may take before its script: none of them runs inline code
+# or reads the program from anywhere but the script file. Anything else is refused.
+_SAFE_FLAGS = {
+    "sh": (set("aefhknuvxBCEHPT"), {"-o", "+o"}),
+    "python": (set("bBdEiIOPqRsSuv"), {"-W", "-X"}),
+    "perl": (set("aAlnpsTtwWX"), set()),
+}
+_NO_I = {"python": set("i")}  # python -i would read code from stdin after the script
+
+
+def _family(name: str) -> str:
+    base = os.path.basename(name)
+    if base in ("sh", "bash", "dash", "zsh", "ksh", "ash"):
+        return "sh"
+    if base.startswith("python"):
+        return "python"
+    if base.startswith("perl"):
+        return "perl"
+    return "other"
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def resolve_workdir(cmd_dir: str, cwd: str | None) -> str:
+    """The real working directory of a task: cmd_dir, or task.cwd inside it."""
+    root = os.path.realpath(cmd_dir)
+    if not cwd:
+        return root
+    path = os.path.realpath(os.path.join(root, cwd))
+    if not _inside(path, root):
+        raise ConfinementError(f"cwd {cwd!r} resolves to {path}, outside cmd_dir {root}")
+    if not os.path.isdir(path):
+        raise ConfinementError(f"cwd {cwd!r} is not a directory inside cmd_dir")
+    return path
+
+
+def _resolve_in(word: str, workdir: str, root: str, what: str) -> str:
+    path = os.path.realpath(os.path.join(workdir, word))
+    if not _inside(path, root):
+        raise ConfinementError(f"{what} {word!r} resolves to {path}, outside cmd_dir {root}")
+    if not os.path.isfile(path):
+        raise ConfinementError(f"{what} {word!r} is not a file inside cmd_dir")
+    return path
+
+
+def _interpreters(names: Sequence[str], path_env: str | None) -> dict[str, str]:
+    """Real path of each configured interpreter -> its family."""
+    found: dict[str, str] = {}
+    for name in names:
+        where = shutil.which(name, path=path_env)
+        if where:
+            found[os.path.realpath(where)] = _family(name)
+    return found
+
+
+def confine(
+    argv: Sequence[str], *, cmd_dir: str, cwd: str | None = None,
+    interpreters: Sequence[str] = (), mode: str = "strict", path_env: str | None = None,
+) -> tuple[list[str], str]:
+    """Check argv against DESIGN.md §4; return (argv to exec, working directory).
+
+    argv[0] comes back as the resolved real path, so what was checked is what runs.
+    """
+    workdir = resolve_workdir(cmd_dir, cwd)
+    root = os.path.realpath(cmd_dir)
+    word = argv[0]
+    if mode == "cwd":
+        if "/" in word:
+            return [os.path.join(workdir, word), *argv[1:]], workdir
+        found = shutil.which(word, path=path_env) or os.path.join(workdir, word)
+        return [found, *argv[1:]], workdir
+
+    known = _interpreters(interpreters, path_env)
+    located = word if "/" in word else shutil.which(word, path=path_env)
+    interp = os.path.realpath(located) if located and ("/" not in word or os.path.isabs(word)) else None
+    if interp is not None and interp in known and not _inside(interp, root):
+        return _confine_interpreter(argv, interp, known[interp], workdir, root), workdir
+
+    path = _resolve_in(word, workdir, root, "command")
+    if not os.access(path, os.X_OK):
+        raise ConfinementError(f"command {word!r} is not executable")
+    return [path, *argv[1:]], workdir
+
+
+def _confine_interpreter(
+    argv: Sequence[str], interp: str, family: str, workdir: str, root: str
+) -> list[str]:
+    flags, with_arg = _SAFE_FLAGS.get(family, (set(), set()))
+    flags = flags - _NO_I.get(family, set())
+    name = os.path.basename(argv[0])
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if arg in with_arg:
+            i += 2
+            continue
+        if len(arg) > 1 and arg[0] in "-+" and not (arg[0] == "+" and family != "sh"):
+            if arg.startswith("--") or not set(arg[1:]) <= flags:
+                raise ConfinementError(
+                    f"interpreter option {arg!r} of {name} is refused (it may run inline code)"
+                )
+            i += 1
+            continue
+        break
+    if i >= len(argv) or argv[i] == "-":
+        raise ConfinementError(f"{name} needs a script file inside cmd_dir (inline code is refused)")
+    script = _resolve_in(argv[i], workdir, root, "script")
+    return [interp, *argv[1:i], script, *argv[i + 1:]]
+
+
+class Ending(Enum):
+    EXITED = "exited"
+    TIMEOUT = "timeout"
+    KILLED = "killed"
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """What happened to a process: the runner's facts, not yet a `done` record."""
+
+    ending: Ending
+    returncode: int
+    started_at: float
+    finished_at: float
+    duration: float
+    kill_signal: str | None = None
+    kill_reason: str = ""
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.returncode if self.returncode >= 0 else None
+
+    @property
+    def signal(self) -> str | None:
+        return signal.Signals(-self.returncode).name if self.returncode < 0 else None
+
+
+OutputCallback = Callable[[MsgType, bytes], Awaitable[None]]
+
+
+def _killpg(pgid: int, sig: int) -> bool:
+    """Signal the whole group; False when it is already gone (ESRCH)."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError as exc:  # pragma: no cover - only if the pid was reused
+        if exc.errno == errno.EPERM:
+            return False
+        raise
+
+
+class Run:
+    """One process group: start it, stream its output, end it by exit, timeout or kill."""
+
+    def __init__(
+        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], on_output: OutputCallback,
+        stdin: str | None = None, timeout: float | None = None, kill_grace: float = 5.0,
+        record_max_bytes: int = READ_CHUNK,
+    ) -> None:
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.env = dict(env)
+        self.on_output = on_output
+        self.stdin = stdin
+        self.timeout = timeout
+        self.kill_grace = kill_grace
+        self.record_max_bytes = record_max_bytes
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started_at = 0.0
+        self._started_mono = 0.0
+        self._kill_requested = asyncio.Event()
+        self._kill_reason = ""
+        self._ending = Ending.EXITED
+        self._kill_signal: str | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        """Spawn in a new session (own process group); raises OSError if exec fails."""
+        # start_new_session uses setsid() in the child without a preexec_fn, so the fast
+        # spawn path stays available, and a kill can reach the whole group.
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv, cwd=self.cwd, env=self.env, start_new_session=True,
+            stdin=asyncio.subprocess.PIPE if self.stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        self.started_at = time.time()
+        self._started_mono = time.monotonic()
+
+    def kill(self, reason: str = "killed") -> None:
+        """Ask for the group to be stopped: SIGTERM, then SIGKILL after kill_grace."""
+        if not self._kill_requested.is_set():
+            self._kill_reason = reason
+            self._ending = Ending.KILLED
+            self._kill_requested.set()
+
+    async def _pump(self, reader: asyncio.StreamReader, kind: MsgType) -> None:
+        """Read big chunks; hand on whole lines, splitting only lines longer than the cap."""
+        pending = b""
+        cap = self.record_max_bytes
+        while True:
+            chunk = await reader.read(READ_CHUNK)
+            if not chunk:
+                break
+            pending += chunk
+            while len(pending) >= cap:
+                cut = pending.rfind(b"\n", 0, cap) + 1 or _utf8_cut(pending, cap)
+                await self.on_output(kind, pending[:cut])
+                pending = pending[cut:]
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                await self.on_output(kind, pending[:cut])
+                pending = pending[cut:]
+        if pending:
+            await self.on_output(kind, pending)
+
+    async def _feed_stdin(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None and self.stdin is not None
+        try:
+            self.proc.stdin.write(self.stdin.encode("utf-8", "surrogateescape"))
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self.proc.stdin.close()
+
+    async def _terminate(self) -> None:
+        """SIGTERM the group, SIGKILL it after kill_grace if the leader still lives."""
+        assert self.proc is not None
+        pgid = self.proc.pid
+        self._kill_signal = "SIGTERM"
+        _killpg(pgid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(self.kill_grace):
+                await self.proc.wait()
+        except TimeoutError:
+            self._kill_signal = "SIGKILL"
+            _killpg(pgid, signal.SIGKILL)
+        # Whatever the group left behind dies with it.
+        _killpg(pgid, signal.SIGKILL)
+
+    async def wait(self) -> RunResult:
+        """Stream output until the process group is done; return how it ended."""
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        pumps = [
+            asyncio.ensure_future(self._pump(proc.stdout, MsgType.STDOUT)),
+            asyncio.ensure_future(self._pump(proc.stderr, MsgType.STDERR)),
+        ]
+        feeder = asyncio.ensure_future(self._feed_stdin()) if self.stdin is not None else None
+        exited = asyncio.ensure_future(proc.wait())
+        killer = asyncio.ensure_future(self._kill_requested.wait())
+        try:
+            done, _ = await asyncio.wait({exited, killer}, timeout=self.timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if exited not in done:
+                if killer not in done:
+                    self._ending = Ending.TIMEOUT
+                    self._kill_reason = f"timeout of {_fmt_seconds(self.timeout or 0)}"
+                await self._terminate()
+                await exited
+            else:
+                # The leader exited; leftovers holding the pipes get ORPHAN_GRACE, then die.
+                await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
+                _killpg(proc.pid, signal.SIGKILL)
+            await asyncio.gather(*pumps)
+            if feeder is not None:
+                await feeder
+        finally:
+            killer.cancel()
+            for fut in (*pumps, exited, *(f for f in (feeder,) if f)):
+                if not fut.done():
+                    fut.cancel()
+            if proc.returncode is None:  # cancelled from outside: leave nothing running
+                _killpg(proc.pid, signal.SIGKILL)
+        finished = time.time()
+        returncode = proc.returncode
+        assert returncode is not None
+        return RunResult(
+            ending=self._ending, returncode=returncode, started_at=self.started_at,
+            finished_at=finished, duration=time.monotonic() - self._started_mono,
+            kill_signal=self._kill_signal, kill_reason=self._kill_reason,
+        )
+
+
+def _utf8_cut(data: bytes, limit: int) -> int:
+    """A cut at or below limit that does not split a UTF-8 sequence (if one is near)."""
+    cut = limit
+    for _ in range(3):
+        if cut > 0 and (data[cut] & 0xC0) == 0x80:
+            cut -= 1
+        else:
+            break
+    return cut if cut > 0 and (data[cut] & 0xC0) != 0x80 else limit
+
+
+def _fmt_seconds(value: float) -> str:
+    return f"{value:g}s"

@@ -1,0 +1,252 @@
+"""Where records go: a bounded, ordered buffer drained into Redis in pipelined batches.
+
+Owns delivery and back-pressure; knows nothing of processes. Every operation it sends is
+idempotent (the scripts check seq and ownership), so a batch cut by a lost connection is
+simply sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from task_job.broker import Broker
+from task_job.protocol import (
+    MsgType, Outcome, RecordHead, build_dead_entry, build_done_record, build_output_record,
+)
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 1 << 20
+OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
+RETRY_CAP = 5.0
+NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(slots=True)
+class TaskStream:
+    """Delivery state of one task: who it is and the next seq to hand out."""
+
+    head: RecordHead
+    state_key: str
+    log_key: str
+    next_seq: int = 0
+
+
+@dataclass(slots=True)
+class _Records:
+    stream: TaskStream
+    first_seq: int
+    payloads: list[bytes]
+    size: int
+
+
+@dataclass(slots=True)
+class _Script:
+    name: str
+    keys: list[str]
+    args: list[Any]
+    size: int
+    future: asyncio.Future[Any] | None = None
+
+
+@dataclass(slots=True)
+class _Command:
+    args: list[Any]
+    size: int
+
+
+_Op = _Records | _Script | _Command
+
+
+@dataclass
+class RedisSink:
+    """Records, done records and dead letters, in order, to Redis; bounded by buffer_bytes."""
+
+    broker: Broker
+    executor: str
+    buffer_bytes: int
+    batch_bytes: int = BATCH_BYTES
+    _ops: list[_Op] = field(default_factory=list)
+    _buffered: int = 0
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _space: asyncio.Event = field(default_factory=asyncio.Event)
+    _closing: bool = False
+    _down_since: float | None = None
+
+    def open_stream(self, head: RecordHead, next_seq: int = 0) -> TaskStream:
+        keys = self.broker.keys
+        return TaskStream(head, keys.task(head.id), keys.log(head.id), next_seq)
+
+    # -- producers -------------------------------------------------------------------------
+
+    async def put_output(self, stream: TaskStream, kind: MsgType, data: bytes) -> None:
+        """Queue one stdout/stderr record; waits while the buffer is full (back-pressure)."""
+        need = len(data) + OP_OVERHEAD
+        while self._buffered and self._buffered + need > self.buffer_bytes:
+            self._space.clear()
+            await self._space.wait()
+        # seq is taken only after the wait, with no await in between: seq order = queue order.
+        seq = stream.next_seq
+        stream.next_seq += 1
+        payload = build_output_record(stream.head, kind, data, seq, time.time())
+        last = self._ops[-1] if self._ops else None
+        size = len(payload) + OP_OVERHEAD
+        if (isinstance(last, _Records) and last.stream is stream
+                and last.size + size <= self.batch_bytes):
+            last.payloads.append(payload)
+            last.size += size
+        else:
+            self._ops.append(_Records(stream, seq, [payload], size))
+        self._add(size)
+
+    def note(self, *command: Any) -> None:
+        """Queue a plain Redis command (e.g. the state record's pid) in order with records."""
+        self._ops.append(_Command(list(command), OP_OVERHEAD))
+        self._add(OP_OVERHEAD)
+
+    def finish(self, stream: TaskStream, outcome: Outcome, *, raw: bytes, mode: str = "own",
+               dead_reason: str | None = None) -> asyncio.Future[Any]:
+        """Queue the done record; the future resolves to 1 once written (0 if settled before)."""
+        cfg = self.broker.config
+        keys = self.broker.keys
+        seq = stream.next_seq
+        stream.next_seq += 1
+        now = time.time()
+        record = build_done_record(stream.head, outcome, seq, now)
+        dead = build_dead_entry(raw, dead_reason, self.executor, now) if dead_reason else b""
+        exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
+        args = [mode, self.executor, seq, record, raw, dead, outcome.status.value, exit_code,
+                f"{outcome.finished_at or now:.6f}", cfg.task_ttl, cfg.task_log_ttl,
+                cfg.task_log_max_records]
+        script_keys = [keys.logs, stream.log_key, stream.state_key,
+                       keys.processing(self.executor), keys.dead]
+        return self._script("finish", script_keys, args, len(record) + len(raw) + len(dead))
+
+    def dead_letter(self, raw: bytes, reason: str) -> asyncio.Future[Any]:
+        keys = self.broker.keys
+        entry = build_dead_entry(raw, reason, self.executor, time.time())
+        return self._script("dead_letter", [keys.processing(self.executor), keys.dead],
+                            [raw, entry], len(raw) + len(entry))
+
+    def _script(self, name: str, keys: list[str], args: list[Any], size: int) -> asyncio.Future[Any]:
+        # Settling ops are small and never wait for space: they must not deadlock behind
+        # the output that fills the buffer.
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops.append(_Script(name, keys, args, size + OP_OVERHEAD, future))
+        self._add(size + OP_OVERHEAD)
+        return future
+
+    def _add(self, size: int) -> None:
+        self._buffered += size
+        self._wakeup.set()
+
+    # -- the writer ------------------------------------------------------------------------
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    def close(self) -> None:
+        """Deliver what is queued, then let `run` return."""
+        self._closing = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._ops:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._deliver_next()
+
+    async def deliver_now(self, future: asyncio.Future[Any]) -> Any:
+        """Deliver everything queued up to `future`'s op, then return its result.
+
+        For start-up work that runs before `run` does.
+        """
+        while not future.done():
+            await self._deliver_next()
+        return future.result()
+
+    async def _deliver_next(self) -> None:
+        batch, size = self._take()
+        await self._deliver(batch)
+        self._buffered -= size
+        self._space.set()
+
+    def _take(self) -> tuple[list[_Op], int]:
+        taken = 0
+        count = 0
+        for op in self._ops:
+            if count and taken + op.size > self.batch_bytes:
+                break
+            taken += op.size
+            count += 1
+        batch = self._ops[:count]
+        del self._ops[:count]
+        return batch, taken
+
+    async def _deliver(self, batch: list[_Op]) -> None:
+        """Send one batch, retrying until Redis takes it (every op is idempotent)."""
+        cfg = self.broker.config
+        keys = self.broker.keys
+        attempt = 0
+        while True:
+            pipe = self.broker.redis.pipeline(transaction=False)
+            for op in batch:
+                if isinstance(op, _Records):
+                    s = op.stream
+                    self.broker.scripts.queue(
+                        pipe, "push_records", [keys.logs, s.log_key, s.state_key],
+                        [self.executor, op.first_seq, cfg.task_log_max_records, cfg.task_ttl,
+                         *op.payloads])
+                elif isinstance(op, _Script):
+                    self.broker.scripts.queue(pipe, op.name, op.keys, op.args)
+                else:
+                    pipe.execute_command(*op.args)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except NETWORK_ERRORS as exc:
+                attempt += 1
+                self._note_down(exc)
+                delay = min(RETRY_CAP, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                await pipe.reset()
+            if any(isinstance(r, NoScriptError) for r in results):
+                await self.broker.scripts.load(self.broker.redis)  # Redis restarted: reload
+                continue
+            self._note_up()
+            for op, result in zip(batch, results):
+                if isinstance(result, Exception):
+                    log.error("redis refused a record operation", extra={"error": str(result)})
+                if isinstance(op, _Script) and op.future is not None and not op.future.done():
+                    if isinstance(result, Exception):
+                        op.future.set_exception(result)
+                    else:
+                        op.future.set_result(result)
+            return
+
+    def _note_down(self, exc: BaseException) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("redis unreachable; records wait in the buffer",
+                        extra={"error": str(exc), "buffered_bytes": self._buffered})
+
+    def _note_up(self) -> None:
+        if self._down_since is not None:
+            log.warning("redis reachable again; delivering buffered records",
+                        extra={"down_s": round(time.monotonic() - self._down_since, 3)})
+            self._down_since = None
