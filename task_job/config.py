@@ -130,7 +130,7 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     kind = type(default)
     where = f"{ENV_PREFIX}{name.upper()}" if from_env else name
-    if isinstance(value, str) and value.strip() == "" and kind is not str:
+    if isinstance(value, str) and value.strip() == "":
         return default  # "" means "use the default", as in the original
     try:
         if kind is bool:
