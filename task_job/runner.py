@@ -258,7 +258,7 @@ class Run:
         finally:
             self.proc.stdin.close()
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, exited: asyncio.Future[None]) -> None:
         """SIGTERM the group, SIGKILL it after kill_grace if the leader still lives."""
         assert self.proc is not None
         pgid = self.proc.pid
@@ -266,12 +266,11 @@ class Run:
         _killpg(pgid, signal.SIGTERM)
         try:
             async with asyncio.timeout(self.kill_grace):
-                await self.proc.wait()
+                await asyncio.shield(exited)
         except TimeoutError:
             self._kill_signal = "SIGKILL"
             _killpg(pgid, signal.SIGKILL)
-        # Whatever the group left behind dies with it.
-        _killpg(pgid, signal.SIGKILL)
+            await exited
 
     async def wait(self) -> RunResult:
         """Stream output until the process group is done; return how it ended."""
@@ -282,7 +281,9 @@ class Run:
             asyncio.ensure_future(self._pump(proc.stderr, MsgType.STDERR)),
         ]
         feeder = asyncio.ensure_future(self._feed_stdin()) if self.stdin is not None else None
-        exited = asyncio.ensure_future(proc.wait())
+        # Not proc.wait(): asyncio's wait also waits for the pipes to close, which a
+        # backgrounded grandchild can hold open for ever.
+        exited, release = _exit_future(proc)
         killer = asyncio.ensure_future(self._kill_requested.wait())
         try:
             done, _ = await asyncio.wait({exited, killer}, timeout=self.timeout,
@@ -291,16 +292,22 @@ class Run:
                 if killer not in done:
                     self._ending = Ending.TIMEOUT
                     self._kill_reason = f"timeout of {_fmt_seconds(self.timeout or 0)}"
-                await self._terminate()
-                await exited
-            else:
-                # The leader exited; leftovers holding the pipes get ORPHAN_GRACE, then die.
-                await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
-                _killpg(proc.pid, signal.SIGKILL)
-            await asyncio.gather(*pumps)
+                await self._terminate(exited)
+            # The leader is gone. Leftovers holding the pipes get ORPHAN_GRACE, then the
+            # group is killed; a member that left the group cannot keep the task open either.
+            await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
+            _killpg(proc.pid, signal.SIGKILL)
+            _, stuck = await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
+            if stuck:
+                _close_pipes(proc)
+                for pump in stuck:
+                    pump.cancel()
+            await asyncio.gather(*pumps, return_exceptions=bool(stuck))
             if feeder is not None:
                 await feeder
+            await proc.wait()
         finally:
+            release()
             killer.cancel()
             for fut in (*pumps, exited, *(f for f in (feeder,) if f)):
                 if not fut.done():
@@ -315,6 +322,47 @@ class Run:
             finished_at=finished, duration=time.monotonic() - self._started_mono,
             kill_signal=self._kill_signal, kill_reason=self._kill_reason,
         )
+
+
+def _exit_future(proc: asyncio.subprocess.Process) -> tuple[asyncio.Future[None], Callable[[], None]]:
+    """A future done when the process exits (pipes or not), and a release for its fd.
+
+    A pidfd becomes readable at exit; where pidfds are missing, poll returncode.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+
+    def mark() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        mark()  # already exited and reaped
+        return fut, lambda: None
+    except (AttributeError, OSError):
+        async def poll() -> None:
+            while proc.returncode is None:
+                await asyncio.sleep(0.05)
+            mark()
+        poller = asyncio.ensure_future(poll())
+        return fut, poller.cancel
+    loop.add_reader(fd, mark)
+
+    def release() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+    return fut, release
+
+
+def _close_pipes(proc: asyncio.subprocess.Process) -> None:
+    transport = getattr(proc, "_transport", None)
+    for fd in (1, 2):
+        pipe = transport.get_pipe_transport(fd) if transport is not None else None
+        if pipe is not None:
+            pipe.close()
 
 
 def _utf8_cut(data: bytes, limit: int) -> int:
