@@ -6,16 +6,17 @@ Knows the layout of DESIGN.md §2; knows nothing of processes or of where record
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from task_job.config import Config
-from task_job.errors import ConfigError
+from task_job.errors import BrokerError, ConfigError
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue")
 
@@ -82,10 +83,10 @@ class Scripts:
     async def call(self, client: aioredis.Redis, name: str, keys: Sequence[str],
                    args: Sequence[Any]) -> Any:
         try:
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
         except NoScriptError:
             await self.load(client)  # Redis restarted or SCRIPT FLUSH: load and go on
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
 
 
 def connect(addr: str, **options: Any) -> aioredis.Redis:
@@ -109,11 +110,22 @@ class Broker:
         self.keys = Keys.for_config(config)
         # No socket timeout: blocking commands wait longer than any read would; liveness of
         # the socket is watched by TCP keepalive and by the blocking commands' own timeouts.
-        self.redis = client or connect(config.redis_addr, socket_timeout=None)
+        # Typed Any on purpose: redis-py's asyncio annotations mix sync/async returns and
+        # bytes/str unions; the values are checked where they are read instead.
+        self.redis: Any = client or connect(config.redis_addr, socket_timeout=None)
         self.scripts = Scripts()
 
     async def start(self) -> None:
-        await self.scripts.load(self.redis)
+        """Check Redis is there and new enough; load the scripts."""
+        where = self.config.redacted_redis_addr
+        try:
+            version = await self.server_version()
+            await self.scripts.load(self.redis)
+        except (RedisError, OSError) as exc:
+            raise BrokerError(f"redis at {where}: {exc}") from exc
+        if version < (6, 2):
+            raise BrokerError(f"redis at {where} is {'.'.join(map(str, version))}; "
+                              "task-job needs 6.2 or newer (BLMOVE)")
 
     async def close(self) -> None:
         await self.redis.aclose()

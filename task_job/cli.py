@@ -16,10 +16,11 @@ from typing import Any, NoReturn
 
 import click
 import orjson
+from redis.exceptions import RedisError
 
 from task_job import __version__
 from task_job.config import Config, load_config
-from task_job.errors import ConfigError, TaskJobError
+from task_job.errors import BrokerError, ConfigError, TaskJobError
 
 _GO_FLAG = re.compile(r"-([A-Za-z][A-Za-z0-9_]+)(=.*)?")
 
@@ -107,9 +108,11 @@ def run(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         click.echo(f"task-job: embedded redis at {server.url}", err=True)
     try:
         code = asyncio.run(_run(config, demo))
+    except BrokerError as exc:
+        fail(str(exc), code=1)
     except TaskJobError as exc:
         fail(str(exc))
-    except (ConnectionError, OSError) as exc:
+    except (RedisError, ConnectionError, OSError) as exc:
         fail(f"redis at {config.redacted_redis_addr}: {exc}", code=1)
     finally:
         if server is not None:
@@ -259,7 +262,7 @@ def _run_client(go: Any, config: Config) -> int:
         return 130
     except TaskJobError as exc:
         fail(str(exc))
-    except (ConnectionError, OSError) as exc:
+    except (RedisError, ConnectionError, OSError) as exc:
         fail(f"redis at {config.redacted_redis_addr}: {exc}", code=1)
 
 

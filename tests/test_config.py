@@ -25,7 +25,7 @@ def test_comments_are_stripped_but_not_inside_strings() -> None:
 def test_file_env_and_overrides_apply_in_order(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text('// original style\n{"queue_name": "q1", "max_concurrency": 2, '
-                    '"logs_channel": "", "cmd_dir": "%s"}' % tmp_path)
+                    f'"logs_channel": "", "cmd_dir": "{tmp_path}"}}')
     cfg = load_config(path, env={"TASK_JOB_MAX_CONCURRENCY": "3", "TASK_JOB_LOGS": "false",
                                  "TASK_JOB_INTERPRETERS": "sh,python3"},
                       overrides={"queue_name": "q2"})

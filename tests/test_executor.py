@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -17,7 +18,13 @@ from task_job.config import Config
 from task_job.protocol import build_task
 
 from .conftest import (
-    ExecutorHandle, dead_letters, done_of, pid_alive, records_of, wait_done, wait_until,
+    ExecutorHandle,
+    dead_letters,
+    done_of,
+    pid_alive,
+    records_of,
+    wait_done,
+    wait_until,
 )
 
 ORIGINAL = (b'{"id":"101","type":"test","task":{"cmdline":"install.sh",'
@@ -232,7 +239,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_executor_keeps_servi
     await wait_until(lambda: len(dead_letters(sync_redis, config)) == len(MALFORMED),
                      what="every malformed message dead-lettered")
     dead = dead_letters(sync_redis, config)
-    for (raw, reason, task_id), entry in zip(MALFORMED, dead):
+    for (raw, reason, task_id), entry in zip(MALFORMED, dead, strict=True):
         assert reason in entry["reason"], (raw, entry)
         if task_id:
             done = done_of(sync_redis, config, task_id)

@@ -12,8 +12,17 @@ from hypothesis import strategies as st
 
 from task_job.errors import ProtocolError
 from task_job.protocol import (
-    MsgType, Outcome, RecordHead, Status, Task, build_done_record, build_output_record,
-    parse_control, parse_record, parse_task, peek_id,
+    MsgType,
+    Outcome,
+    RecordHead,
+    Status,
+    Task,
+    build_done_record,
+    build_output_record,
+    parse_control,
+    parse_record,
+    parse_task,
+    peek_id,
 )
 
 ORIGINAL = (b'{"id":"101","type":"test","task":{"cmdline":"install.sh",'

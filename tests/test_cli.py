@@ -1,0 +1,203 @@
+"""`task-job` as operators run it: subprocesses, signals, the original's flags, big output."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from task_job.broker import Keys
+from task_job.client import Client
+from task_job.config import Config
+from task_job.protocol import parse_record
+
+from .conftest import ExecutorProcess, done_of, records_of, wait_done, wait_until, write_config
+
+ORIGINAL = (b'{"id":"101","type":"test","task":{"cmdline":"install.sh",'
+            b'"cmd_args":["feature/homestead"],"timeout":3600}}')
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "task_job.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def registered(r: redis.Redis, config: Config) -> bool:
+    return r.zscore(Keys.for_config(config).executors, config.executor_id) is not None
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_original_command_line_flags_work(
+        config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
+        tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", config)
+    log_dir = tmp_path / "logs"
+    proc = spawn_executor("run", f"-config={path}", "-alsologtostderr", f"-log_dir={log_dir}")
+    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    sync_redis.rpush(config.queue_name, ORIGINAL)
+    done = await wait_done(sync_redis, config, "101")
+    assert done.fields["status"] == "succeeded"
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    lines = [orjson.loads(line) for line in (log_dir / "task-job.log").read_text().splitlines()]
+    events = [line["message"] for line in lines]
+    for event in ("executor started", "task claimed", "task started", "task finished",
+                  "executor stopped"):
+        assert event in events
+    finished = next(line for line in lines if line["message"] == "task finished")
+    assert finished["task_id"] == "101" and finished["status"] == "succeeded"
+    assert '"message": "task finished"' in proc.output()  # -alsologtostderr
+
+
+async def test_sigterm_drains_running_tasks_kills_the_rest_and_exits_zero(
+        make_config: Callable[..., Config], spawn_executor: Callable[..., ExecutorProcess],
+        sync_redis: redis.Redis, tmp_path: Path) -> None:
+    config = make_config(drain_timeout=1.5)
+    path = write_config(tmp_path / "config.json", config)
+    proc = spawn_executor("run", "--config", str(path))
+    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    async with Client(config) as client:
+        short = await client.submit("sleep.sh", ["0.5"])
+        long = await client.submit("sleep.sh", ["100"])
+        await wait_until(lambda: len(records_of(sync_redis, config)) >= 2, what="both started")
+        proc.signal(signal.SIGTERM)
+        await wait_until(lambda: sync_redis.hget(Keys.for_config(config).executor(
+            config.executor_id), "status") == b"draining", what="executor draining")
+        queued = await client.submit("install.sh", ["after stop"])
+        assert proc.wait(20) == 0
+    assert done_of(sync_redis, config, short)[0].fields["status"] == "succeeded"
+    killed = done_of(sync_redis, config, long)[0]
+    assert killed.fields["status"] == "killed" and "drain_timeout of 1.5s" in killed.data
+    assert not done_of(sync_redis, config, queued)  # not claimed after the stop
+    assert sync_redis.lrange(config.queue_name, 0, -1) != []
+    keys = Keys.for_config(config)
+    assert sync_redis.llen(keys.processing(config.executor_id)) == 0
+    assert not registered(sync_redis, config)
+
+
+async def test_100_mb_of_output_is_delivered_completely_with_bounded_memory(
+        make_config: Callable[..., Config], spawn_executor: Callable[..., ExecutorProcess],
+        sync_redis: redis.Redis, tmp_path: Path) -> None:
+    config = make_config(task_log_max_records=100)
+    path = write_config(tmp_path / "config.json", config, task_log_max_records=100)
+    proc = spawn_executor("run", "--config", str(path))
+    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    size = 100_000_000
+    async with Client(config) as client:
+        task_id = await client.submit("flood.sh", [str(size)])
+        done = await wait_done(sync_redis, config, task_id, timeout=240)
+    assert done.fields["status"] == "succeeded"
+    rss = peak_rss_mb(proc.pid)
+    total = 0
+    lines = 0
+    seqs = []
+    tails: list[bool] = []
+    start, step = 0, 200
+    while True:
+        chunk = sync_redis.lrange(config.logs_channel, start, start + step - 1)
+        if not chunk:
+            break
+        for raw in chunk:
+            rec = parse_record(raw)
+            seqs.append(rec.seq)
+            if rec.msg_type == "stdout":
+                total += len(rec.data)
+                lines += rec.data.count("\n")
+                tails.append(rec.data.endswith("\n"))
+        start += step
+    # fold leaves its last, partial line without a newline: every record but the last ends
+    # on a whole line.
+    assert tails[:-1] == [True] * (len(tails) - 1) and tails[-1] is False
+    assert (total, lines) == (size + size // 99, size // 99)
+    assert seqs == list(range(len(seqs)))
+    assert rss < 150, f"executor peak RSS {rss:.0f} MB"
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+
+
+async def test_submit_wait_streams_output_and_passes_the_exit_code(
+        config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
+        tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", config)
+    spawn_executor("run", "--config", str(path))
+    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    ok = cli("submit", "--config", str(path), "--id", "w1", "--wait", "--", "install.sh", "a b")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "w1\ninstalling a b\n"
+    assert "done installing" in ok.stderr and "w1 succeeded" in ok.stderr
+    bad = cli("submit", "--config", str(path), "--wait", "--", "fail.sh")
+    assert bad.returncode == 2 and "failing" in bad.stderr
+    logs = cli("logs", "--config", str(path), "w1")
+    assert logs.stdout == "installing a b\n" and "done installing" in logs.stderr
+    rows = orjson.loads(cli("executors", "--config", str(path), "--json").stdout)
+    assert [row["id"] for row in rows] == [config.executor_id]
+
+
+async def test_kill_command_stops_a_running_task(
+        config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
+        tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.json", config)
+    spawn_executor("run", "--config", str(path))
+    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    assert cli("submit", "--config", str(path), "--id", "k1", "--", "sleep.sh", "100").returncode == 0
+    await wait_until(lambda: records_of(sync_redis, config, "k1"), what="task started")
+    assert cli("kill", "--config", str(path), "k1").returncode == 0
+    done = await wait_done(sync_redis, config, "k1")
+    assert done.fields["status"] == "killed"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ('{"max_concurrency": -1}', "max_concurrency"),
+    ('{"confine": "off"}', "confine"),
+    ('{"cmd_dir": "/nonexistent/dir"}', "cmd_dir"),
+    ('{"redis_adr": "x"}', "redis_adr"),
+])
+def test_bad_config_exits_nonzero_with_one_line_naming_the_key(
+        tmp_path: Path, body: str, needle: str) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(body)
+    for args in (("check-config", str(path)), ("run", "--config", str(path))):
+        result = cli(*args)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_check_config_accepts_the_example_and_hides_passwords(tmp_path: Path) -> None:
+    example = Path(__file__).parent.parent / "config.example.json"
+    assert cli("check-config", str(example)).returncode == 0
+    path = tmp_path / "c.json"
+    path.write_text('{"redis_addr": "redis://u:topsecret@127.0.0.1:1/0"}')
+    result = cli("check-config", str(path))
+    assert result.returncode == 0 and "topsecret" not in result.stdout
+
+
+def test_unreachable_redis_fails_with_one_clear_line(tmp_path: Path, cmd_dir: Path) -> None:
+    from task_job.embedded import free_port
+
+    result = cli("run", "--redis", f"127.0.0.1:{free_port()}", "--cmd-dir", str(cmd_dir),
+                 "--state-dir", str(tmp_path / "s"))
+    assert result.returncode == 1
+    assert "task-job: redis at 127.0.0.1:" in result.stderr.strip().splitlines()[-1]
+
+
+def test_demo_runs_a_task_end_to_end_on_embedded_redis(tmp_path: Path) -> None:
+    result = cli("run", "--embedded", "--demo", "--state-dir", str(tmp_path / "state"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    records = [orjson.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert records[-1]["msg_type"] == "done" and records[-1]["status"] == "succeeded"
+    text: Any = "".join(r["data"] for r in records if r["msg_type"] == "stdout")
+    assert "args: feature/homestead $HOME `date` (not expanded)" in text
