@@ -1,0 +1,99 @@
+"""Shared pieces of the benchmarks: a private redis-server, executors as subprocesses,
+medians and percentiles. Every process started here is stopped by its own pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from task_job.embedded import RedisServer  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary_ms(values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return f"p50 {statistics.median(ms):.2f} ms, p99 {pct(ms, 99):.2f} ms, max {max(ms):.2f} ms"
+
+
+@contextmanager
+def redis_server() -> Iterator[tuple[RedisServer, redis.Redis]]:
+    with tempfile.TemporaryDirectory(prefix="tj-bench-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            with redis.Redis.from_url(server.url) as r:
+                yield server, r
+        finally:
+            server.stop()
+
+
+@contextmanager
+def executor(redis_url: str, cmd_dir: str, **config: object) -> Iterator[subprocess.Popen[bytes]]:
+    """`task-job run` as a subprocess; yields once it has registered."""
+    with tempfile.TemporaryDirectory(prefix="tj-exec-") as tmp:
+        cfg = {"redis_addr": redis_url, "cmd_dir": cmd_dir, "state_dir": tmp,
+               "executor_id": f"bench-{os.getpid()}", "log_level": "warning", **config}
+        path = Path(tmp) / "config.json"
+        path.write_text(json.dumps(cfg))
+        proc = subprocess.Popen([sys.executable, "-m", "task_job.cli", "run", "--config", str(path)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "log", "wb"))
+        try:
+            with redis.Redis.from_url(redis_url) as r:
+                key = f"{{{cfg.get('queue_name', 'queue_job_task')}}}:executors"
+                deadline = time.monotonic() + 15
+                while r.zscore(key, cfg["executor_id"]) is None:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError((Path(tmp) / "log").read_text())
+                    time.sleep(0.01)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_done(r: redis.Redis, logs: str, task_id: str, start: int, timeout: float = 60) -> tuple[dict, int]:
+    """Scan the logs list from `start` for task_id's done record; returns (record, next index)."""
+    deadline = time.monotonic() + timeout
+    index = start
+    while time.monotonic() < deadline:
+        for raw in r.lrange(logs, index, -1):
+            index += 1
+            rec = json.loads(raw)
+            if rec["id"] == task_id and rec["msg_type"] == "done":
+                return rec, index
+        time.sleep(0.0005)
+    raise TimeoutError(task_id)
