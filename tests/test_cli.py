@@ -33,6 +33,15 @@ def registered(r: redis.Redis, config: Config) -> bool:
     return r.zscore(Keys.for_config(config).executors, config.executor_id) is not None
 
 
+async def started(spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
+                  config: Config, tmp_path: Path, **extra: Any) -> tuple[ExecutorProcess, Path]:
+    """`task-job run --config FILE` as a subprocess, once it has registered."""
+    path = write_config(tmp_path / "config.json", config, **extra)
+    proc = spawn_executor("run", "--config", str(path))
+    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    return proc, path
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -66,9 +75,7 @@ async def test_sigterm_drains_running_tasks_kills_the_rest_and_exits_zero(
         make_config: Callable[..., Config], spawn_executor: Callable[..., ExecutorProcess],
         sync_redis: redis.Redis, tmp_path: Path) -> None:
     config = make_config(drain_timeout=1.5)
-    path = write_config(tmp_path / "config.json", config)
-    proc = spawn_executor("run", "--config", str(path))
-    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    proc, _ = await started(spawn_executor, sync_redis, config, tmp_path)
     async with Client(config) as client:
         short = await client.submit("sleep.sh", ["0.5"])
         long = await client.submit("sleep.sh", ["100"])
@@ -92,9 +99,7 @@ async def test_100_mb_of_output_is_delivered_completely_with_bounded_memory(
         make_config: Callable[..., Config], spawn_executor: Callable[..., ExecutorProcess],
         sync_redis: redis.Redis, tmp_path: Path) -> None:
     config = make_config(task_log_max_records=100)
-    path = write_config(tmp_path / "config.json", config, task_log_max_records=100)
-    proc = spawn_executor("run", "--config", str(path))
-    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    proc, _ = await started(spawn_executor, sync_redis, config, tmp_path, task_log_max_records=100)
     size = 100_000_000
     async with Client(config) as client:
         task_id = await client.submit("flood.sh", [str(size)])
@@ -131,9 +136,7 @@ async def test_100_mb_of_output_is_delivered_completely_with_bounded_memory(
 async def test_submit_wait_streams_output_and_passes_the_exit_code(
         config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
         tmp_path: Path) -> None:
-    path = write_config(tmp_path / "config.json", config)
-    spawn_executor("run", "--config", str(path))
-    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    _, path = await started(spawn_executor, sync_redis, config, tmp_path)
     ok = cli("submit", "--config", str(path), "--id", "w1", "--wait", "--", "install.sh", "a b")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "w1\ninstalling a b\n"
@@ -149,9 +152,7 @@ async def test_submit_wait_streams_output_and_passes_the_exit_code(
 async def test_kill_command_stops_a_running_task(
         config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
         tmp_path: Path) -> None:
-    path = write_config(tmp_path / "config.json", config)
-    spawn_executor("run", "--config", str(path))
-    await wait_until(lambda: registered(sync_redis, config), 15, what="executor registered")
+    _, path = await started(spawn_executor, sync_redis, config, tmp_path)
     assert cli("submit", "--config", str(path), "--id", "k1", "--", "sleep.sh", "100").returncode == 0
     await wait_until(lambda: records_of(sync_redis, config, "k1"), what="task started")
     assert cli("kill", "--config", str(path), "k1").returncode == 0
