@@ -13,12 +13,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from task_job.config import Config
 from task_job.errors import BrokerError, ConfigError
 
-SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue")
+SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
+                "heartbeat", "takeover")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,11 @@ class Keys:
         q = config.queue_name
         return cls(queue=q, control=config.queue_control_name, logs=config.logs_channel,
                    dead=f"{q}_dead", tag=f"{{{q}}}")
+
+    @property
+    def registry(self) -> str:
+        """Pub/sub channel of executor UP/DOWN events."""
+        return f"{self.queue}_registry"
 
     @property
     def executors(self) -> str:
@@ -97,6 +105,9 @@ def connect(addr: str, **options: Any) -> aioredis.Redis:
         raise ConfigError("redis_addr: sentinel:// is not supported yet")
     url = addr if "://" in addr else f"redis://{addr}"
     options.setdefault("socket_connect_timeout", 5)
+    # No automatic retries: a retried BLMOVE or script whose first reply was lost would act
+    # twice. Our loops retry themselves, with operations made safe to repeat.
+    options.setdefault("retry", Retry(NoBackoff(), 0))
     if not url.startswith("unix://"):
         options.setdefault("socket_keepalive", True)
     return aioredis.Redis.from_url(url, **options)

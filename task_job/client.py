@@ -106,5 +106,7 @@ class Client:
             row: dict[str, Any] = {k.decode(): v.decode() for k, v in info.items()}
             row["id"] = ident
             row["heartbeat_age_s"] = round((now_ms - score) / 1000, 3)
+            if row["heartbeat_age_s"] > self.config.dead_after:
+                row["status"] = "dead"
             out.append(row)
         return out

@@ -223,8 +223,10 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         _positive(config, key, allow_zero=True)
     if config.server_port > 65535:
         raise ConfigError(f"server_port: {config.server_port} is not a port")
-    if config.dead_after <= config.heartbeat_interval:
-        raise ConfigError("dead_after: must be longer than heartbeat_interval")
+    if config.dead_after <= max(config.heartbeat_interval, 1.0):
+        # An executor's claim blocks for up to 1 s: a frozen executor's last claim must land
+        # before it can be declared dead and taken over.
+        raise ConfigError("dead_after: must be longer than heartbeat_interval and than 1 s")
     if config.buffer_bytes < 2 * config.record_max_bytes:
         raise ConfigError("buffer_bytes: must be at least twice record_max_bytes")
     if config.confine not in CONFINE_MODES:

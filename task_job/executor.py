@@ -6,22 +6,18 @@ Wires broker, runner and sink together; holds no Redis key names and spawns noth
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
-import random
-import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job import __version__
 from task_job.broker import Broker
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.errors import ConfinementError, ProtocolError
+from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
 from task_job.protocol import (
     MsgType,
     Outcome,
@@ -30,15 +26,15 @@ from task_job.protocol import (
     Task,
     parse_control,
     parse_task,
-    peek_id,
 )
 from task_job.runner import Ending, Run, RunResult, confine
 from task_job.sinks import RedisSink, TaskStream
 
 log = logging.getLogger(__name__)
 
-CLAIM_BLOCK = 1.0  # seconds a BLMOVE waits; bounds how long a stop waits for the claim loop
-NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Seconds a BLMOVE waits. It bounds how long a stop waits for the claim loop, and how long
+# after freezing an executor can still claim (dead_after must be longer: see config).
+CLAIM_BLOCK = 1.0
 
 
 @dataclass
@@ -78,28 +74,6 @@ def outcome_of(result: RunResult, timeout: float | None) -> Outcome:
     return Outcome(Status.FAILED, f"terminated by {result.signal}", **common)
 
 
-class _OnceLogger:
-    """Logs a failing background loop once per state change, not once per attempt."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.failing = False
-
-    def failed(self, exc: BaseException) -> None:
-        if not self.failing:
-            self.failing = True
-            log.warning(f"{self.what} failing; retrying", extra={"error": repr(exc)})
-
-    def ok(self) -> None:
-        if self.failing:
-            self.failing = False
-            log.warning(f"{self.what} working again")
-
-
-async def _backoff(attempt: int) -> None:
-    await asyncio.sleep(min(5.0, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2))
-
-
 class Executor:
     """One executor of the fleet; `run()` until `stop()` (or SIGTERM via the CLI)."""
 
@@ -110,7 +84,13 @@ class Executor:
         self.keys = self.broker.keys
         self.sink = RedisSink(self.broker, self.id, config.buffer_bytes)
         self.running: dict[str, TaskRun] = {}
+        self.link = Link()
+        self.fleet = Fleet(self.broker, self.sink, config, self.link,
+                           running_count=lambda: len(self.running),
+                           on_taken_over=self._taken_over)
         self._finishing: set[asyncio.Future[Any]] = set()
+        self._settling: set[str] = set()  # ids whose done record is queued, not yet written
+        self._claims = itertools.count()
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._ready = asyncio.Event()
@@ -140,7 +120,8 @@ class Executor:
             log.warning("logs_http is not supported yet; records go to Redis only",
                         extra={"executor": self.id})
         await self.broker.start()
-        await self._register()
+        await self.fleet.register()
+        self.link.up("start")
         await self._settle_leftovers()
         log.info("executor started", extra={
             "executor": self.id, "queue": cfg.queue_name, "redis": cfg.redacted_redis_addr,
@@ -149,17 +130,18 @@ class Executor:
         try:
             async with asyncio.TaskGroup() as tg:
                 sink = tg.create_task(self.sink.run())
-                background = [tg.create_task(self._heartbeat_loop()),
+                background = [tg.create_task(self.fleet.heartbeat_loop()),
+                              tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop())]
                 await self._claim_loop(tg)
-                await self._mark("draining")
+                await self.fleet.mark("draining")
                 await self._drain()
                 self.sink.close()
                 await sink
                 for task in background:
                     task.cancel()
         finally:
-            await self._deregister()
+            await self.fleet.deregister()
             await self.broker.close()
         log.info("executor stopped", extra={"executor": self.id, "claimed": self.claimed})
 
@@ -185,93 +167,31 @@ class Executor:
         self._slot_freed.clear()
         await self._slot_freed.wait()
 
-    # -- registry --------------------------------------------------------------------------
-
-    async def _register(self) -> None:
-        cfg = self.config
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
-                "labels": orjson.dumps(list(cfg.labels)).decode(), "slots": cfg.max_concurrency,
-                "running": 0, "started_at": f"{time.time():.3f}", "status": "up"}
-        async with self.broker.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.keys.executor(self.id), mapping=info)
-            pipe.zadd(self.keys.executors, {self.id: int(time.time() * 1000)})
-            await pipe.execute()
-
-    async def _mark(self, status: str) -> None:
-        try:
-            await self.broker.redis.hset(self.keys.executor(self.id), "status", status)
-        except NETWORK_ERRORS as exc:
-            log.warning("could not update the registry", extra={"error": repr(exc)})
-
-    async def _deregister(self) -> None:
-        try:
-            async with self.broker.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(self.keys.executors, self.id)
-                pipe.delete(self.keys.executor(self.id))
-                await pipe.execute()
-        except NETWORK_ERRORS as exc:
-            log.warning("could not deregister", extra={"error": repr(exc)})
-
-    async def _heartbeat_loop(self) -> None:
-        health = _OnceLogger("heartbeat")
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval)
-            try:
-                async with self.broker.redis.pipeline(transaction=True) as pipe:
-                    pipe.zadd(self.keys.executors, {self.id: int(time.time() * 1000)})
-                    pipe.hset(self.keys.executor(self.id), "running", len(self.running))
-                    await pipe.execute()
-                health.ok()
-            except NETWORK_ERRORS as exc:
-                health.failed(exc)
-
-    # -- leftovers of an earlier life of this executor id ---------------------------------
+    # -- leftovers -------------------------------------------------------------------------
 
     async def _settle_leftovers(self) -> None:
         """Settle what a previous process with this executor_id claimed and never finished."""
-        processing = self.keys.processing(self.id)
-        leftovers: list[bytes] = await self.broker.redis.lrange(processing, 0, -1)
-        for raw in leftovers:
-            task_id = peek_id(raw)
-            if task_id is None:
-                await self.sink.deliver_now(self.sink.dead_letter(raw, "not a task (found at start-up)"))
-                continue
-            state = await self.broker.redis.hgetall(self.keys.task(task_id))
-            status = state.get(b"status", b"").decode()
-            owner = state.get(b"executor", b"").decode()
-            if not status or status == "cancel_requested":
-                # Claimed but never begun: it never ran, so it may run now, in its place.
-                await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
-                log.info("leftover returned to the queue", extra={"task_id": task_id})
-            elif status == "running" and owner == self.id:
-                await self._settle_lost(raw, task_id, state)
-            else:
-                await self.broker.redis.lrem(processing, 1, raw)
+        raws = await self.broker.redis.lrange(self.keys.processing(self.id), 0, -1)
+        await self.fleet.settle(raws, reason="its executor restarted")
 
-    async def _settle_lost(self, raw: bytes, task_id: str, state: dict[bytes, bytes]) -> None:
-        try:
-            task: Task | None = parse_task(raw)
-        except ProtocolError:
-            task = None
-        attempt = int(state.get(b"attempt", b"1"))
-        if task is not None and task.on_lost == "requeue" and attempt <= max(task.retries, 1):
-            await self.broker.call("requeue", [self.keys.processing(self.id), self.keys.queue,
-                                               self.keys.task(task_id)], [raw, self.id])
-            log.info("lost task requeued", extra={"task_id": task_id, "attempt": attempt})
-            return
-        head = RecordHead.of(task, self.id) if task else RecordHead(task_id, None, None, self.id)
-        stream = self.sink.open_stream(head, int(state.get(b"seq", b"-1")) + 1)
-        outcome = Outcome(Status.LOST, "lost: its executor stopped before the task finished",
-                          started_at=_float(state.get(b"started_at")))
-        await self.sink.deliver_now(self.sink.finish(stream, outcome, raw=raw))
-        log.info("task lost", extra={"task_id": task_id, "status": "lost"})
+    async def _reconcile(self) -> None:
+        """After an outage: settle claims whose reply was lost (BLMOVE or begin executed by
+        Redis, the answer never seen), once every queued op has been delivered."""
+        await self.sink.drained()
+        raws = await self.broker.redis.lrange(self.keys.processing(self.id), 0, -1)
+        await self.fleet.settle(raws, reason="its claim was cut by a Redis outage",
+                                skip=lambda i: i in self.running or i in self._settling)
+
+    def _taken_over(self) -> None:
+        """Another executor settled our tasks while we were away: stop our copies of them."""
+        for tr in list(self.running.values()):
+            tr.kill("its executor was declared dead and the task taken over")
 
     # -- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self, tg: asyncio.TaskGroup) -> None:
         redis = self.broker.redis
         processing = self.keys.processing(self.id)
-        health = _OnceLogger("claiming")
         attempt = 0
         while not self._stopping.is_set():
             if len(self.running) >= self.config.max_concurrency:
@@ -288,12 +208,14 @@ class Executor:
                     await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
                 elif raw is not None:
                     await self._claimed(raw, tg)
-                health.ok()
+                if attempt:
+                    await self._reconcile()
+                self.link.up("claiming")
                 attempt = 0
             except NETWORK_ERRORS as exc:
-                health.failed(exc)
+                self.link.down("claiming", exc)
                 attempt += 1
-                await _backoff(attempt)
+                await backoff(attempt)
 
     async def _claimed(self, raw: bytes, tg: asyncio.TaskGroup) -> None:
         self.claimed += 1
@@ -302,8 +224,8 @@ class Executor:
         except ProtocolError as exc:
             self._reject(raw, exc.reason, exc.task_id)
             return
-        verdict, last_seq, attempt = await self.broker.call(
-            "begin", [self.keys.task(task.id)], [self.id, f"{time.time():.6f}"])
+        token = f"{self.id}/{os.getpid()}/{next(self._claims)}"
+        verdict, last_seq, attempt = await self._begin(task, token)
         verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
         if verdict == "duplicate":
             # The id already has (or will have) its one done record: no second one here.
@@ -320,6 +242,19 @@ class Executor:
         self.running[task.id] = tr
         log.info("task claimed", extra={"task_id": task.id, "attempt": tr.attempt})
         tg.create_task(self._execute(tr))
+
+    async def _begin(self, task: Task, token: str) -> tuple[Any, Any, Any]:
+        """begin.lua, repeated through an outage (safe: the claim token makes it idempotent)."""
+        attempt = 0
+        while True:
+            try:
+                result = await self.broker.call("begin", [self.keys.task(task.id)],
+                                                [self.id, f"{time.time():.6f}", token])
+                return result[0], result[1], result[2]
+            except NETWORK_ERRORS as exc:
+                self.link.down("claiming", exc)
+                attempt += 1
+                await backoff(attempt)
 
     def _reject(self, raw: bytes, reason: str, task_id: str | None) -> None:
         log.warning("rejected message", extra={"task_id": task_id, "status": "rejected",
@@ -354,6 +289,8 @@ class Executor:
             # The done record must be queued whatever happened, cancellation included.
             fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
             self._track(fut)
+            self._settling.add(task.id)
+            fut.add_done_callback(lambda _: self._settling.discard(task.id))
             del self.running[task.id]
             self._slot_freed.set()
             log.info("task finished", extra={
@@ -394,17 +331,16 @@ class Executor:
     async def _control_loop(self) -> None:
         redis = self.broker.redis
         inbox = self.keys.inbox(self.id)
-        health = _OnceLogger("control")
         attempt = 0
         while True:
             try:
                 item = await redis.blpop([self.keys.control, inbox], CLAIM_BLOCK)
-                health.ok()
+                self.link.up("control")
                 attempt = 0
             except NETWORK_ERRORS as exc:
-                health.failed(exc)
+                self.link.down("control", exc)
                 attempt += 1
-                await _backoff(attempt)
+                await backoff(attempt)
                 continue
             if item is None:
                 continue
@@ -484,8 +420,3 @@ async def _discard(kind: MsgType, data: bytes) -> None:
     return None
 
 
-def _float(value: bytes | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None

@@ -85,6 +85,8 @@ class RedisSink:
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _space: asyncio.Event = field(default_factory=asyncio.Event)
     _closing: bool = False
+    _running: bool = False
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _down_since: float | None = None
 
     def open_stream(self, head: RecordHead, next_seq: int = 0) -> TaskStream:
@@ -166,23 +168,35 @@ class RedisSink:
         self._wakeup.set()
 
     async def run(self) -> None:
-        while True:
-            if not self._ops:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            await self._deliver_next()
+        self._running = True
+        try:
+            while True:
+                if not self._ops:
+                    self._idle.set()
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                self._idle.clear()
+                await self._deliver_next()
+        finally:
+            self._running = False
 
     async def deliver_now(self, future: asyncio.Future[Any]) -> Any:
-        """Deliver everything queued up to `future`'s op, then return its result.
-
-        For start-up work that runs before `run` does.
-        """
+        """Wait until `future`'s op is delivered and return its result; before `run` has
+        started (at start-up) deliver the queue directly."""
         while not future.done():
+            if self._running:
+                return await future
             await self._deliver_next()
         return future.result()
+
+    async def drained(self) -> None:
+        """Wait until everything queued so far has been delivered."""
+        while self._ops or not self._idle.is_set():
+            self._idle.clear()
+            await self._idle.wait()
 
     async def _deliver_next(self) -> None:
         batch, size = self._take()

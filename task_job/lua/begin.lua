@@ -2,9 +2,15 @@
 -- KEYS[1]  {Q}:task:<id>   state hash (created here; the only place a task id is registered)
 -- ARGV[1]  executor id
 -- ARGV[2]  now, unix seconds
+-- ARGV[3]  claim token, unique per claim: a begin repeated after a lost reply answers the
+--          same, instead of calling its own task a duplicate
 -- Returns {verdict, last_seq, attempt}; verdict is 'run', 'cancelled' (a kill came first)
 -- or 'duplicate' (the id is known: it ran, runs or was rejected, and must not run again).
-local status = redis.call('HGET', KEYS[1], 'status')
+local st = redis.call('HMGET', KEYS[1], 'status', 'claim', 'seq', 'attempt')
+local status = st[1]
+if status == 'running' and st[2] == ARGV[3] then
+  return {'run', tonumber(st[3]), tonumber(st[4])}
+end
 if status == 'cancel_requested' then
   return {'cancelled', tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1'), 0}
 end
@@ -12,7 +18,8 @@ if status and status ~= 'requeued' then
   return {'duplicate', 0, 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1], 'claimed_at', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1], 'claimed_at', ARGV[2],
+  'claim', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'seq', -1)
 redis.call('PERSIST', KEYS[1])
 return {'run', tonumber(redis.call('HGET', KEYS[1], 'seq')), attempt}

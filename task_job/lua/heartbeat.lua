@@ -1,0 +1,16 @@
+-- heartbeat: record that an executor is alive, scored by the Redis server's clock (so clock
+-- skew between hosts cannot make a live executor look dead).
+-- KEYS[1]  {Q}:executors           zset: executor id -> last heartbeat, ms
+-- KEYS[2]  {Q}:executor:<exec>     hash: registry entry
+-- ARGV[1]  executor id    ARGV[2]  running count
+-- ARGV[3]  'register' (always add) or 'beat' (only if still registered)
+-- Returns {server time ms, present}; present is 0 when a 'beat' found the entry gone: another
+-- executor declared this one dead and took its tasks over while it was away.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[3] == 'beat' and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  return {now, 0}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], 'running', ARGV[2], 'heartbeat_ms', now)
+return {now, 1}
