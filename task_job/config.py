@@ -50,6 +50,7 @@ class Config:
     interpreters: tuple[str, ...] = ("sh", "bash", "python3", "perl")
     confine: str = "strict"
     state_dir: str = field(default_factory=default_state_dir)
+    die_with_executor: bool = True
     heartbeat_interval: float = 5.0
     dead_after: float = 30.0
     max_message_bytes: int = 1 << 20

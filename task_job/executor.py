@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,7 @@ class Executor:
         self._slot_freed = asyncio.Event()
         self._ready = asyncio.Event()
         self._env = dict(os.environ)
+        self._wrapper = _death_wrapper(self._env.get("PATH")) if config.die_with_executor else []
         self.claimed = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -309,7 +311,7 @@ class Executor:
             return Outcome(Status.KILLED, f"killed before it started ({tr.kill_reason})")
         limit = task.max_output if task.max_output is not None else cfg.max_output
         output = _OutputGate(self.sink, tr.stream, limit) if cfg.logs else None
-        run = Run(argv, cwd=workdir, env=env, stdin=task.stdin, timeout=task.timeout,
+        run = Run([*self._wrapper, *argv], cwd=workdir, env=env, stdin=task.stdin, timeout=task.timeout,
                   kill_grace=cfg.kill_grace, record_max_bytes=cfg.record_max_bytes,
                   on_output=output.put if output else _discard)
         await run.start()
@@ -414,6 +416,17 @@ class _OutputGate:
         note = (f"[task-job] {self.dropped} bytes of output dropped "
                 f"(max_output {self.limit} bytes)\n").encode()
         await self.sink.put_output(self.stream, MsgType.STDERR, note)
+
+
+def _death_wrapper(path: str | None) -> list[str]:
+    """argv prefix that makes a task's process die with its executor (Linux parent-death
+    signal, set by util-linux setpriv, which then execs the task: same pid, no shell)."""
+    setpriv = shutil.which("setpriv", path=path)
+    if setpriv is None:
+        log.warning("setpriv not found: tasks will not die with a SIGKILLed executor "
+                    "(run under systemd so the cgroup stops them)")
+        return []
+    return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 async def _discard(kind: MsgType, data: bytes) -> None:

@@ -59,6 +59,9 @@ async def test_sigkilled_executors_tasks_are_taken_over_and_reported_lost(
         await start_executor(survivor)
         dones = [await wait_done(sync_redis, victim, i, timeout=20) for i in ids]
         took = time.monotonic() - killed_at
+    pids = [int(sync_redis.hget(Keys.for_config(victim).task(i), "pid")) for i in ids]
+    await wait_until(lambda: not any(pid_alive(p) for p in pids), 5,
+                     what="the dead executor's tasks to die with it")
     for done in dones:
         assert done.fields["status"] == "lost", done.fields
         assert done.fields["executor"] == survivor.executor_id
