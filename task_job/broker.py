@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from task_job.config import Config
@@ -116,14 +116,16 @@ def connect(addr: str, **options: Any) -> aioredis.Redis:
 class Broker:
     """Redis for one executor or client: the keys of its queue, a client, the scripts."""
 
-    def __init__(self, config: Config, *, client: aioredis.Redis | None = None) -> None:
+    def __init__(self, config: Config, *, client: aioredis.Redis | None = None,
+                 retries: int = 0) -> None:
         self.config = config
         self.keys = Keys.for_config(config)
         # No socket timeout: blocking commands wait longer than any read would; liveness of
         # the socket is watched by TCP keepalive and by the blocking commands' own timeouts.
         # Typed Any on purpose: redis-py's asyncio annotations mix sync/async returns and
         # bytes/str unions; the values are checked where they are read instead.
-        self.redis: Any = client or connect(config.redis_addr, socket_timeout=None)
+        self.redis: Any = client or connect(config.redis_addr, socket_timeout=None,
+                                            retry=Retry(ExponentialBackoff(cap=1.0), retries))
         self.scripts = Scripts()
 
     async def start(self) -> None:

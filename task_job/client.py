@@ -30,7 +30,9 @@ class Client:
             from dataclasses import replace
             config = replace(config, **overrides)
         self.config = config
-        self.broker = Broker(config)
+        # Retries, unlike the executor: a push repeated after a lost reply at worst makes a
+        # duplicate id, which executors dead-letter and never run twice.
+        self.broker = Broker(config, retries=3)
         self.keys = self.broker.keys
 
     async def __aenter__(self) -> Client:

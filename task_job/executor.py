@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from task_job import __version__
@@ -83,13 +84,13 @@ class Executor:
         self.id = config.executor_id
         self.broker = broker or Broker(config)
         self.keys = self.broker.keys
-        self.sink = RedisSink(self.broker, self.id, config.buffer_bytes)
+        self.sink = RedisSink(self.broker, self.id, config.buffer_bytes,
+                              _spool_dir=Path(config.state_dir) / "spool")
         self.running: dict[str, TaskRun] = {}
         self.link = Link()
         self.fleet = Fleet(self.broker, self.sink, config, self.link,
                            running_count=lambda: len(self.running),
                            on_taken_over=self._taken_over)
-        self._finishing: set[asyncio.Future[Any]] = set()
         self._settling: set[str] = set()  # ids whose done record is queued, not yet written
         self._claims = itertools.count()
         self._stopping = asyncio.Event()
@@ -122,6 +123,7 @@ class Executor:
             log.warning("logs_http is not supported yet; records go to Redis only",
                         extra={"executor": self.id})
         await self.broker.start()
+        await self.sink.replay_spools()
         await self.fleet.register()
         self.link.up("start")
         await self._settle_leftovers()
@@ -138,10 +140,12 @@ class Executor:
                 await self._claim_loop(tg)
                 await self.fleet.mark("draining")
                 await self._drain()
-                self.sink.close()
-                await sink
                 for task in background:
                     task.cancel()
+                # Every done record is queued now: the sink delivers it, or spools it to
+                # disk if Redis is away (replayed by the next start).
+                self.sink.close()
+                await sink
         finally:
             await self.fleet.deregister()
             await self.broker.close()
@@ -162,8 +166,6 @@ class Executor:
                     tr.kill(reason)
                 while self.running:
                     await self._wait_slot()
-        if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     async def _wait_slot(self) -> None:
         self._slot_freed.clear()
@@ -269,8 +271,7 @@ class Executor:
                                      raw=raw, mode="new", dead_reason=reason))
 
     def _track(self, future: asyncio.Future[Any]) -> None:
-        self._finishing.add(future)
-        future.add_done_callback(self._finishing.discard)
+        future.add_done_callback(_log_failure)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -416,6 +417,11 @@ class _OutputGate:
         note = (f"[task-job] {self.dropped} bytes of output dropped "
                 f"(max_output {self.limit} bytes)\n").encode()
         await self.sink.put_output(self.stream, MsgType.STDERR, note)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a settling operation failed", extra={"error": repr(future.exception())})
 
 
 def _death_wrapper(path: str | None) -> list[str]:

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -27,6 +28,7 @@ from task_job.protocol import (
     build_done_record,
     build_output_record,
 )
+from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,11 @@ _Op = _Records | _Script | _Command
 
 @dataclass
 class RedisSink:
-    """Records, done records and dead letters, in order, to Redis; bounded by buffer_bytes."""
+    """Records, done records and dead letters, in order, to Redis; bounded by buffer_bytes.
+
+    While Redis is away, ops wait in memory; when memory is full (or at close) they go, in
+    order, to the spool under `_spool_dir`, which is delivered first once Redis is back.
+    """
 
     broker: Broker
     executor: str
@@ -84,10 +90,15 @@ class RedisSink:
     _buffered: int = 0
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _space: asyncio.Event = field(default_factory=asyncio.Event)
+    _spool_dir: Path | None = None
     _closing: bool = False
     _running: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _pressure: asyncio.Event = field(default_factory=asyncio.Event)
     _down_since: float | None = None
+    _spool: SpoolFile | None = None
+    _spool_active: bool = False
+    _spool_attempt: int = 0
 
     def open_stream(self, head: RecordHead, next_seq: int = 0) -> TaskStream:
         keys = self.broker.keys
@@ -99,6 +110,7 @@ class RedisSink:
         """Queue one stdout/stderr record; waits while the buffer is full (back-pressure)."""
         need = len(data) + OP_OVERHEAD
         while self._buffered and self._buffered + need > self.buffer_bytes:
+            self._pressure.set()  # lets a sink waiting out an outage spool instead
             self._space.clear()
             await self._space.wait()
         # seq is taken only after the wait, with no await in between: seq order = queue order.
@@ -162,15 +174,24 @@ class RedisSink:
     def buffered_bytes(self) -> int:
         return self._buffered
 
+    @property
+    def spooling(self) -> bool:
+        return self._spool is not None and self._spool_active
+
     def close(self) -> None:
-        """Deliver what is queued, then let `run` return."""
+        """Deliver what is queued (or, while Redis is away, spool it), then let `run` return."""
         self._closing = True
         self._wakeup.set()
+        self._pressure.set()
 
     async def run(self) -> None:
         self._running = True
         try:
             while True:
+                if self.spooling:
+                    if not await self._spool_step():
+                        return  # closing while Redis is away: everything is on disk
+                    continue
                 if not self._ops:
                     self._idle.set()
                     if self._closing:
@@ -182,6 +203,9 @@ class RedisSink:
                 await self._deliver_next()
         finally:
             self._running = False
+            if self._spool is not None:  # releases its lock; keeps it if anything is left
+                await asyncio.to_thread(self._spool.remove_if_empty)
+                self._spool = None
 
     async def deliver_now(self, future: asyncio.Future[Any]) -> Any:
         """Wait until `future`'s op is delivered and return its result; before `run` has
@@ -193,16 +217,18 @@ class RedisSink:
         return future.result()
 
     async def drained(self) -> None:
-        """Wait until everything queued so far has been delivered."""
-        while self._ops or not self._idle.is_set():
+        """Wait until everything queued so far has been delivered (spool included)."""
+        while self._ops or self.spooling or not self._idle.is_set():
             self._idle.clear()
             await self._idle.wait()
 
     async def _deliver_next(self) -> None:
         batch, size = self._take()
-        await self._deliver(batch)
-        self._buffered -= size
-        self._space.set()
+        try:
+            await self._deliver(batch)
+        finally:
+            self._buffered -= size
+            self._space.set()
 
     def _take(self) -> tuple[list[_Op], int]:
         taken = 0
@@ -216,47 +242,152 @@ class RedisSink:
         del self._ops[:count]
         return batch, taken
 
-    async def _deliver(self, batch: list[_Op]) -> None:
-        """Send one batch, retrying until Redis takes it (every op is idempotent)."""
+    def _call(self, op: _Op) -> Call:
         cfg = self.broker.config
         keys = self.broker.keys
-        attempt = 0
+        if isinstance(op, _Records):
+            s = op.stream
+            return ("script", "push_records", [keys.logs, s.log_key, s.state_key],
+                    [self.executor, op.first_seq, cfg.task_log_max_records, cfg.task_ttl,
+                     *op.payloads])
+        if isinstance(op, _Script):
+            return ("script", op.name, op.keys, op.args)
+        return ("cmd", "", [], op.args)
+
+    async def _send(self, calls: list[Call]) -> list[Any]:
+        """One pipelined round trip; raises on network errors; reloads scripts if needed."""
         while True:
             pipe = self.broker.redis.pipeline(transaction=False)
-            for op in batch:
-                if isinstance(op, _Records):
-                    s = op.stream
-                    self.broker.scripts.queue(
-                        pipe, "push_records", [keys.logs, s.log_key, s.state_key],
-                        [self.executor, op.first_seq, cfg.task_log_max_records, cfg.task_ttl,
-                         *op.payloads])
-                elif isinstance(op, _Script):
-                    self.broker.scripts.queue(pipe, op.name, op.keys, op.args)
+            for kind, name, keys, args in calls:
+                if kind == "script":
+                    self.broker.scripts.queue(pipe, name, keys, args)
                 else:
-                    pipe.execute_command(*op.args)
+                    pipe.execute_command(*args)
             try:
-                results = await pipe.execute(raise_on_error=False)
-            except NETWORK_ERRORS as exc:
-                attempt += 1
-                self._note_down(exc)
-                delay = min(RETRY_CAP, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
-                await asyncio.sleep(delay)
-                continue
+                results: list[Any] = await pipe.execute(raise_on_error=False)
             finally:
                 await pipe.reset()
             if any(isinstance(r, NoScriptError) for r in results):
                 await self.broker.scripts.load(self.broker.redis)  # Redis restarted: reload
-                continue
+                continue  # every op is idempotent: sending the batch again is safe
             self._note_up()
-            for op, result in zip(batch, results, strict=True):
+            for result in results:
                 if isinstance(result, Exception):
                     log.error("redis refused a record operation", extra={"error": str(result)})
+            return results
+
+    async def _deliver(self, batch: list[_Op]) -> None:
+        """Send one batch, retrying while Redis is away; when the buffer fills meanwhile, or
+        at close, the batch and everything queued behind it go to the spool instead."""
+        calls = [self._call(op) for op in batch]
+        attempt = 0
+        while True:
+            try:
+                results = await self._send(calls)
+            except NETWORK_ERRORS as exc:
+                self._note_down(exc)
+                if self._spool_dir is not None and (self._pressure.is_set() or self._closing):
+                    await self._spill(batch, calls)
+                    return
+                attempt += 1
+                await self._pause(attempt)
+                continue
+            for op, result in zip(batch, results, strict=True):
                 if isinstance(op, _Script) and op.future is not None and not op.future.done():
                     if isinstance(result, Exception):
                         op.future.set_exception(result)
                     else:
                         op.future.set_result(result)
             return
+
+    async def _pause(self, attempt: int) -> None:
+        """Back off before a retry; cut short when producers wait for space (or at close)."""
+        delay = min(RETRY_CAP, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
+        try:
+            async with asyncio.timeout(delay):
+                await self._pressure.wait()
+        except TimeoutError:
+            pass
+
+    # -- the spool -------------------------------------------------------------------------
+
+    def _open_spool(self) -> SpoolFile:
+        if self._spool is None:
+            assert self._spool_dir is not None
+            self._spool = SpoolFile(self._spool_dir / spool_name(self.executor))
+        return self._spool
+
+    async def _spill(self, batch: list[_Op], calls: list[Call]) -> None:
+        """Write a failed batch and then every queued op to disk, in order; free the memory."""
+        queued = self._ops
+        self._ops = []
+        spool = self._open_spool()
+        all_calls = calls + [self._call(op) for op in queued]
+        await asyncio.to_thread(spool.append, all_calls)
+        if not self._spool_active:
+            log.warning("redis unreachable and the buffer is full: spooling records to disk",
+                        extra={"spool": str(spool.path)})
+        self._spool_active = True
+        self._buffered -= sum(op.size for op in queued)
+        for op in (*batch, *queued):
+            if isinstance(op, _Script) and op.future is not None and not op.future.done():
+                op.future.set_result(None)  # durable on disk: delivered when Redis returns
+        self._pressure.clear()
+        self._space.set()
+
+    async def _spool_step(self) -> bool:
+        """Spill what is queued, then deliver the oldest spooled batch. False at close when
+        Redis is still away (all is on disk, replayed by the next start)."""
+        spool = self._open_spool()
+        if self._ops:
+            await self._spill([], [])
+        if spool.pending == 0:
+            await asyncio.to_thread(spool.remove)
+            self._spool = None
+            self._spool_active = False
+            log.warning("spool delivered; records flow directly again")
+            return True
+        calls, offset = await asyncio.to_thread(spool.read, self.batch_bytes)
+        try:
+            await self._send(calls)
+        except NETWORK_ERRORS as exc:
+            self._note_down(exc)
+            if self._closing:
+                return False
+            self._spool_attempt += 1
+            await self._pause(self._spool_attempt)
+            return True
+        self._spool_attempt = 0
+        await asyncio.to_thread(spool.commit, offset)
+        return True
+
+    async def replay_spools(self) -> int:
+        """At start-up: deliver spools left by earlier runs (any executor id) that no live
+        executor holds, oldest first. Returns the number of operations replayed."""
+        if self._spool_dir is None:
+            return 0
+        replayed = 0
+        for path in leftover_spools(self._spool_dir):
+            spool = await asyncio.to_thread(SpoolFile, path)
+            if not spool.locked:
+                await asyncio.to_thread(spool.close)
+                continue
+            if spool.pending:
+                log.warning("replaying a spool left by an earlier run", extra={"spool": str(path)})
+            attempt = 0
+            while spool.pending:
+                calls, offset = await asyncio.to_thread(spool.read, self.batch_bytes)
+                try:
+                    await self._send(calls)
+                except NETWORK_ERRORS as exc:
+                    self._note_down(exc)
+                    attempt += 1
+                    await self._pause(attempt)
+                    continue
+                replayed += len(calls)
+                await asyncio.to_thread(spool.commit, offset)
+            await asyncio.to_thread(spool.remove)
+        return replayed
 
     def _note_down(self, exc: BaseException) -> None:
         if self._down_since is None:
