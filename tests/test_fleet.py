@@ -20,7 +20,13 @@ from task_job.config import Config
 from task_job.protocol import build_task
 
 from .conftest import (
-    ExecutorHandle, ExecutorProcess, done_of, pid_alive, records_of, wait_done, wait_until,
+    ExecutorHandle,
+    ExecutorProcess,
+    done_of,
+    pid_alive,
+    records_of,
+    wait_done,
+    wait_until,
     write_config,
 )
 
@@ -104,7 +110,7 @@ async def test_kill_reaches_the_executor_that_runs_the_task(
         for n in range(9):
             task_id = f"route-{n}"
             await client.submit("sleep.sh", ["100"], task_id=task_id)
-            await wait_until(lambda: records_of(sync_redis, configs[0], task_id), what="running")
+            await wait_until(lambda t=task_id: records_of(sync_redis, configs[0], t), what="running")
             owner = owner_of(sync_redis, configs[0], task_id)
             pushed = time.monotonic()
             await client.kill(task_id)
