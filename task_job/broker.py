@@ -14,12 +14,22 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, TryAgainError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from task_job.config import Config
+from task_job.config import Config, parse_sentinel
 from task_job.errors import BrokerError, ConfigError
 
+WAIT_TIMEOUT_MS = 500
+
+# Errors that pass: Redis unreachable, still loading its data after a restart (LOADING, a
+# ConnectionError subclass), a replica during a failover (READONLY), a cluster moving slots.
+# An operation that met one is retried; every operation we send is safe to repeat.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, OSError)
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
                 "heartbeat", "takeover")
 
@@ -97,19 +107,36 @@ class Scripts:
             return await client.evalsha(self.sha[name], len(keys), *keys, *args)
 
 
-def connect(addr: str, **options: Any) -> aioredis.Redis:
-    """A client for `redis_addr`: host:port, redis://, rediss://, unix://."""
+def connect(addr: str, *, tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+            **options: Any) -> aioredis.Redis:
+    """A client for `redis_addr`: host:port, redis://, rediss://, unix://, sentinel://."""
     if addr == "embedded":
         raise ConfigError("redis_addr: 'embedded' must be started first (task-job run --embedded)")
-    if addr.startswith("sentinel://"):
-        raise ConfigError("redis_addr: sentinel:// is not supported yet")
-    url = addr if "://" in addr else f"redis://{addr}"
     options.setdefault("socket_connect_timeout", 5)
     # No automatic retries: a retried BLMOVE or script whose first reply was lost would act
     # twice. Our loops retry themselves, with operations made safe to repeat.
     options.setdefault("retry", Retry(NoBackoff(), 0))
+    tls: dict[str, Any] = {}
+    if tls_ca:
+        tls["ssl_ca_certs"] = tls_ca
+    if tls_cert:
+        tls.update(ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    if addr.startswith("sentinel://"):
+        nodes, master, user, password = parse_sentinel(addr)
+        if tls:
+            tls["ssl"] = True
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            nodes, socket_connect_timeout=options["socket_connect_timeout"], **tls)
+        # The master is looked up through the sentinels at every new connection: after a
+        # failover, the next reconnect reaches the promoted replica.
+        master_client: aioredis.Redis = sentinel.master_for(
+            master, username=user, password=password, **options, **tls)
+        return master_client
+    url = addr if "://" in addr else f"redis://{addr}"
     if not url.startswith("unix://"):
         options.setdefault("socket_keepalive", True)
+    if url.startswith("rediss://"):
+        options.update(tls)
     return aioredis.Redis.from_url(url, **options)
 
 
@@ -124,8 +151,10 @@ class Broker:
         # the socket is watched by TCP keepalive and by the blocking commands' own timeouts.
         # Typed Any on purpose: redis-py's asyncio annotations mix sync/async returns and
         # bytes/str unions; the values are checked where they are read instead.
-        self.redis: Any = client or connect(config.redis_addr, socket_timeout=None,
-                                            retry=Retry(ExponentialBackoff(cap=1.0), retries))
+        self.redis: Any = client or connect(
+            config.redis_addr, socket_timeout=None, retry=Retry(ExponentialBackoff(cap=1.0), retries),
+            tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
+        self.wait_replicas = config.replicas_to_wait
         self.scripts = Scripts()
 
     async def start(self) -> None:
@@ -145,6 +174,12 @@ class Broker:
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.scripts.call(self.redis, name, keys, args)
+
+    async def acknowledged(self) -> None:
+        """With wait_replicas, wait (briefly) until replicas hold what was written so far, so a
+        failover cannot take back a claim or a done record."""
+        if self.wait_replicas:
+            await self.redis.execute_command("WAIT", self.wait_replicas, WAIT_TIMEOUT_MS)
 
     async def server_version(self) -> tuple[int, ...]:
         info = await self.redis.info("server")

@@ -35,6 +35,10 @@ class Config:
     # Keys of the original task-job, with its names and defaults.
     server_port: int = 0
     redis_addr: str = field(default="127.0.0.1:6379", repr=False)
+    redis_tls_ca: str = ""
+    redis_tls_cert: str = ""
+    redis_tls_key: str = ""
+    wait_replicas: int = -1
     queue_name: str = "queue_job_task"
     queue_control_name: str = ""  # "" -> <queue_name>_control
     logs: bool = True
@@ -76,6 +80,13 @@ class Config:
     def redacted_redis_addr(self) -> str:
         return redact_url(self.redis_addr)
 
+    @property
+    def replicas_to_wait(self) -> int:
+        """Replicas that must acknowledge each claim and batch (-1: 1 with Sentinel, else 0)."""
+        if self.wait_replicas >= 0:
+            return self.wait_replicas
+        return 1 if self.redis_addr.startswith("sentinel://") else 0
+
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
@@ -88,11 +99,31 @@ def redact_url(url: str) -> str:
     if "://" not in url:
         return url
     parts = urlsplit(url)
-    if parts.password is None:
+    if "@" not in parts.netloc:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rsplit("@", 1)[1]
+    creds, host = parts.netloc.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def parse_sentinel(url: str) -> tuple[list[tuple[str, int]], str, str | None, str | None]:
+    """sentinel://[user:password@]host:port[,host:port]/master -> (nodes, master, user, pw)."""
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    user = password = None
+    if "@" in netloc:
+        creds, netloc = netloc.rsplit("@", 1)
+        user, _, password = creds.partition(":") if ":" in creds else ("", "", creds)
+    nodes = []
+    for node in netloc.split(","):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"redis_addr: bad sentinel address {node!r} (host:port)")
+        nodes.append((host, int(port)))
+    master = path.strip("/")
+    if not master:
+        raise ConfigError("redis_addr: sentinel:// needs the master name: sentinel://h:p,h:p/mymaster")
+    return nodes, master, user or None, password or None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -222,6 +253,8 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         _positive(config, key)
     for key in ("kill_grace", "drain_timeout", "max_output", "server_port"):
         _positive(config, key, allow_zero=True)
+    if config.wait_replicas < -1:
+        raise ConfigError("wait_replicas: must be -1 (auto), 0 or more")
     if config.server_port > 65535:
         raise ConfigError(f"server_port: {config.server_port} is not a port")
     if config.dead_after <= max(config.heartbeat_interval, 1.0):
@@ -243,10 +276,17 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         scheme = addr.split("://", 1)[0]
         if scheme not in ("redis", "rediss", "unix", "sentinel"):
             raise ConfigError(f"redis_addr: unsupported scheme {scheme!r} (redis, rediss, unix, sentinel)")
+        if scheme == "sentinel":
+            parse_sentinel(addr)
     elif addr != "embedded":
         host, _, port = addr.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"redis_addr: expected host:port or a redis:// URL (got {addr!r})")
+    for key in ("redis_tls_ca", "redis_tls_cert", "redis_tls_key"):
+        if getattr(config, key) and check_paths and not os.path.isfile(getattr(config, key)):
+            raise ConfigError(f"{key}: {getattr(config, key)} is not a file")
+    if bool(config.redis_tls_cert) != bool(config.redis_tls_key):
+        raise ConfigError("redis_tls_key: redis_tls_cert and redis_tls_key go together")
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")

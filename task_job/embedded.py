@@ -43,11 +43,13 @@ class RedisServer:
     """A redis-server child process on loopback (TCP) or a unix socket, in its own directory."""
 
     def __init__(self, directory: str | os.PathLike[str], *, unix_socket: bool = False,
-                 port: int | None = None, appendonly: bool = False) -> None:
+                 port: int | None = None, appendonly: bool = False,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.directory = Path(directory)
         self.unix_socket = unix_socket
         self.port = 0 if unix_socket else (port or free_port())
         self.appendonly = appendonly
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -60,14 +62,18 @@ class RedisServer:
             return f"unix://{self.socket_path}"
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def arguments(self) -> list[str]:
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "", "--daemonize", "no",
                 "--appendonly", "yes" if self.appendonly else "no",
                 "--logfile", str(self.directory / "redis.log")]
         if self.unix_socket:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
+        return [*args, *self.extra_args]
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = self.arguments()
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -112,3 +118,26 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SentinelServer(RedisServer):
+    """A Redis Sentinel on loopback watching `master_name` at `master_port`."""
+
+    def __init__(self, directory: str | os.PathLike[str], master_port: int,
+                 master_name: str = "mymaster", down_after_ms: int = 1000) -> None:
+        super().__init__(directory)
+        self.master_port = master_port
+        self.master_name = master_name
+        self.down_after_ms = down_after_ms
+
+    def arguments(self) -> list[str]:
+        conf = self.directory / "sentinel.conf"
+        if not conf.exists():  # sentinel rewrites its config: write it once
+            conf.write_text(
+                f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                f"logfile {self.directory / 'redis.log'}\n"
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 2\n"
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master_name} 5000\n"
+                f"sentinel parallel-syncs {self.master_name} 1\n")
+        return [find_redis_server(), str(conf), "--sentinel"]

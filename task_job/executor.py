@@ -220,6 +220,10 @@ class Executor:
                 self.link.down("claiming", exc)
                 attempt += 1
                 await backoff(attempt)
+            except Exception:  # a bug must not stop claiming; the claim is reconciled later
+                log.exception("claim failed")
+                attempt += 1
+                await backoff(attempt)
 
     async def _claimed(self, raw: bytes, tg: asyncio.TaskGroup) -> None:
         self.claimed += 1
@@ -254,9 +258,14 @@ class Executor:
             try:
                 result = await self.broker.call("begin", [self.keys.task(task.id)],
                                                 [self.id, f"{time.time():.6f}", token])
+                await self.broker.acknowledged()  # the claim survives a failover
                 return result[0], result[1], result[2]
             except NETWORK_ERRORS as exc:
                 self.link.down("claiming", exc)
+                attempt += 1
+                await backoff(attempt)
+            except Exception:  # a bug must not stop claiming; the claim is reconciled later
+                log.exception("claim failed")
                 attempt += 1
                 await backoff(attempt)
 
@@ -350,7 +359,7 @@ class Executor:
             key, raw = item
             try:
                 await self._control(raw, routed=key.decode() == inbox)
-            except NETWORK_ERRORS as exc:
+            except Exception as exc:  # bad luck or a bug: log it, keep serving
                 log.warning("control message not handled", extra={"error": repr(exc)})
 
     async def _control(self, raw: bytes, routed: bool) -> None:

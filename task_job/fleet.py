@@ -13,11 +13,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job import __version__
-from task_job.broker import Broker
+from task_job.broker import TRANSIENT_ERRORS, Broker
 from task_job.config import Config
 from task_job.errors import ProtocolError
 from task_job.protocol import Outcome, RecordHead, Status, Task, parse_task, peek_id
@@ -25,7 +23,7 @@ from task_job.sinks import RedisSink
 
 log = logging.getLogger(__name__)
 
-NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+NETWORK_ERRORS = TRANSIENT_ERRORS
 
 
 class Link:
@@ -140,6 +138,8 @@ class Fleet:
                 self.link.up("heartbeat")
             except NETWORK_ERRORS as exc:
                 self.link.down("heartbeat", exc)
+            except Exception:  # a bug must not stop the heartbeat
+                log.exception("heartbeat failed")
 
     # -- takeover --------------------------------------------------------------------------
 
@@ -153,6 +153,8 @@ class Fleet:
                 await self.reap()
             except NETWORK_ERRORS as exc:
                 self.link.down("takeover", exc)
+            except Exception:
+                log.exception("takeover failed; retrying later")
 
     async def reap(self) -> int:
         """Take over every executor whose heartbeat is older than dead_after."""

@@ -15,11 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from task_job.broker import Broker
+from task_job.broker import TRANSIENT_ERRORS, WAIT_TIMEOUT_MS, Broker
 from task_job.protocol import (
     MsgType,
     Outcome,
@@ -35,7 +33,7 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 1 << 20
 OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
 RETRY_CAP = 5.0
-NETWORK_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+NETWORK_ERRORS = TRANSIENT_ERRORS
 
 
 @dataclass(slots=True)
@@ -263,13 +261,21 @@ class RedisSink:
                     self.broker.scripts.queue(pipe, name, keys, args)
                 else:
                     pipe.execute_command(*args)
+            if self.broker.wait_replicas:  # replicated before it counts as delivered
+                pipe.execute_command("WAIT", self.broker.wait_replicas, WAIT_TIMEOUT_MS)
             try:
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             finally:
                 await pipe.reset()
+            if self.broker.wait_replicas:
+                results = results[:-1]
             if any(isinstance(r, NoScriptError) for r in results):
                 await self.broker.scripts.load(self.broker.redis)  # Redis restarted: reload
                 continue  # every op is idempotent: sending the batch again is safe
+            passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
+            if passing is not None:
+                # e.g. LOADING after a restart: not delivered, whatever else the batch did.
+                raise passing
             self._note_up()
             for result in results:
                 if isinstance(result, Exception):
