@@ -326,9 +326,9 @@ def executors(config_path: str | None, redis_addr: str | None, queue_name: str |
         if as_json:
             click.echo(orjson.dumps(rows).decode())
             return 0
-        click.echo(f"{'ID':40} {'HOST':20} {'RUNNING':>9} {'HEARTBEAT':>10}")
+        click.echo(f"{'ID':40} {'HOST':20} {'STATUS':9} {'RUNNING':>9} {'HEARTBEAT':>10}")
         for row in rows:
-            click.echo(f"{row['id']:40} {row.get('host', '?'):20} "
+            click.echo(f"{row['id']:40} {row.get('host', '?'):20} {row.get('status', '?'):9} "
                        f"{row.get('running', '?'):>4}/{row.get('slots', '?'):<4} "
                        f"{row['heartbeat_age_s']:>9.1f}s")
         return 0
