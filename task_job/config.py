@@ -43,7 +43,7 @@ class Config:
     queue_control_name: str = ""  # "" -> <queue_name>_control
     logs: bool = True
     logs_channel: str = ""  # "" -> <queue_name>_logs
-    logs_http: str = ""
+    logs_http: str = field(default="", repr=False)
     cmd_dir: str = "/tmp"
     # New keys.
     executor_id: str = ""  # "" -> <hostname>:<pid>
@@ -64,7 +64,13 @@ class Config:
     task_ttl: int = 7 * 86400
     task_log_max_records: int = 10000
     task_log_ttl: int = 86400
+    logs_http_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    http_batch_bytes: int = 256 << 10
+    http_linger_ms: float = 20.0
+    http_timeout: float = 10.0
     log_dir: str = ""
+    log_retention_days: int = 7
+    max_output_action: str = "truncate"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -190,6 +196,13 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
             return float(value)
+        if kind is dict:
+            if isinstance(value, str):
+                value = orjson.loads(value)
+            if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+                raise ValueError("expected an object of strings")
+            return dict(value)
         if kind is tuple:
             if isinstance(value, str):
                 value = orjson.loads(value) if value.lstrip().startswith("[") else value.split(",")
@@ -265,6 +278,13 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         raise ConfigError("buffer_bytes: must be at least twice record_max_bytes")
     if config.confine not in CONFINE_MODES:
         raise ConfigError(f"confine: must be one of {', '.join(CONFINE_MODES)} (got {config.confine!r})")
+    if config.max_output_action not in ("truncate", "kill"):
+        raise ConfigError("max_output_action: must be truncate or kill")
+    if config.logs_http and not config.logs_http.startswith(("http://", "https://")):
+        raise ConfigError(f"logs_http: expected an http:// or https:// URL (got {redact_url(config.logs_http)!r})")
+    for key in ("http_batch_bytes", "http_timeout", "log_retention_days"):
+        _positive(config, key)
+    _positive(config, "http_linger_ms", allow_zero=True)
     if config.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
     if not config.queue_name:

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from task_job import __version__
 from task_job.broker import Broker
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.errors import ConfinementError, ProtocolError
+from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
 from task_job.protocol import (
     MsgType,
@@ -47,6 +49,7 @@ class TaskRun:
     stream: TaskStream
     attempt: int
     run: Run | None = None
+    log_file: TaskLogFile | None = None
     kill_reason: str | None = None
     claimed_mono: float = field(default_factory=time.monotonic)
 
@@ -86,6 +89,12 @@ class Executor:
         self.keys = self.broker.keys
         self.sink = RedisSink(self.broker, self.id, config.buffer_bytes,
                               _spool_dir=Path(config.state_dir) / "spool")
+        self.http: Any = None
+        if config.logs_http:  # aiohttp (about 10 MiB) is imported only when it is used
+            from task_job.http_sink import make_http_sink
+
+            self.http = make_http_sink(config, self.id)
+            self.sink.tee = self.http
         self.running: dict[str, TaskRun] = {}
         self.link = Link()
         self.fleet = Fleet(self.broker, self.sink, config, self.link,
@@ -119,9 +128,6 @@ class Executor:
                 "cmd_dir is writable by other users: anyone who can write there can run code "
                 "as this executor; use a dedicated root-owned directory",
                 extra={"cmd_dir": cfg.cmd_dir})
-        if cfg.logs_http:
-            log.warning("logs_http is not supported yet; records go to Redis only",
-                        extra={"executor": self.id})
         await self.broker.start()
         await self.sink.replay_spools()
         await self.fleet.register()
@@ -134,9 +140,12 @@ class Executor:
         try:
             async with asyncio.TaskGroup() as tg:
                 sink = tg.create_task(self.sink.run())
+                http = tg.create_task(self.http.run()) if self.http else None
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop())]
+                if cfg.log_dir:
+                    background.append(tg.create_task(self._prune_loop()))
                 await self._claim_loop(tg)
                 await self.fleet.mark("draining")
                 await self._drain()
@@ -146,6 +155,9 @@ class Executor:
                 # disk if Redis is away (replayed by the next start).
                 self.sink.close()
                 await sink
+                if http is not None:
+                    self.http.close()
+                    await http
         finally:
             await self.fleet.deregister()
             await self.broker.close()
@@ -185,6 +197,14 @@ class Executor:
         raws = await self.broker.redis.lrange(self.keys.processing(self.id), 0, -1)
         await self.fleet.settle(raws, reason="its claim was cut by a Redis outage",
                                 skip=lambda i: i in self.running or i in self._settling)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(prune, self.config.log_dir, self.config.log_retention_days)
+            except OSError as exc:
+                log.warning("could not prune task logs", extra={"error": repr(exc)})
+            await asyncio.sleep(3600)
 
     def _taken_over(self) -> None:
         """Another executor settled our tasks while we were away: stop our copies of them."""
@@ -301,6 +321,8 @@ class Executor:
             # The done record must be queued whatever happened, cancellation included.
             fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
             self._track(fut)
+            if tr.log_file is not None:
+                await asyncio.shield(asyncio.to_thread(tr.log_file.finish, tr.stream.done))
             self._settling.add(task.id)
             fut.add_done_callback(lambda _: self._settling.discard(task.id))
             del self.running[task.id]
@@ -320,10 +342,14 @@ class Executor:
         if tr.kill_reason is not None:
             return Outcome(Status.KILLED, f"killed before it started ({tr.kill_reason})")
         limit = task.max_output if task.max_output is not None else cfg.max_output
-        output = _OutputGate(self.sink, tr.stream, limit) if cfg.logs else None
-        run = Run([*self._wrapper, *argv], cwd=workdir, env=env, stdin=task.stdin, timeout=task.timeout,
-                  kill_grace=cfg.kill_grace, record_max_bytes=cfg.record_max_bytes,
-                  on_output=output.put if output else _discard)
+        if cfg.log_dir:
+            tr.log_file = await asyncio.to_thread(TaskLogFile, cfg.log_dir, task.id, time.time())
+        over = (lambda: tr.kill(f"max_output of {limit} bytes exceeded")) \
+            if cfg.max_output_action == "kill" else None
+        output = _OutputGate(self.sink if cfg.logs else None, tr.stream, limit, tr.log_file, over)
+        run = Run([*self._wrapper, *argv], cwd=workdir, env=env, stdin=task.stdin,
+                  timeout=task.timeout, kill_grace=cfg.kill_grace,
+                  record_max_bytes=cfg.record_max_bytes, on_output=output.put)
         await run.start()
         tr.run = run
         if tr.kill_reason is not None:
@@ -333,7 +359,7 @@ class Executor:
         log.info("task started", extra={"task_id": task.id, "pid": run.pid})
         result = await run.wait()
         outcome = outcome_of(result, task.timeout)
-        if output is not None and output.dropped:
+        if output.dropped:
             await output.report_dropped()
             outcome.extra["dropped_bytes"] = output.dropped
         return outcome
@@ -401,31 +427,40 @@ class Executor:
 
 
 class _OutputGate:
-    """Passes output to the sink up to max_output bytes (0 = no cap), counting the rest."""
+    """Passes output on up to max_output bytes (0 = no cap), counting the rest: to the sink
+    (unless logs are off) and to the task's log file."""
 
-    def __init__(self, sink: RedisSink, stream: TaskStream, limit: int) -> None:
+    def __init__(self, sink: RedisSink | None, stream: TaskStream, limit: int,
+                 log_file: TaskLogFile | None, on_exceeded: Callable[[], None] | None) -> None:
         self.sink = sink
         self.stream = stream
         self.limit = limit
+        self.log_file = log_file
+        self.on_exceeded = on_exceeded
         self.kept = 0
         self.dropped = 0
 
     async def put(self, kind: MsgType, data: bytes) -> None:
         if self.limit:
             room = self.limit - self.kept
-            if room <= 0:
-                self.dropped += len(data)
-                return
             if len(data) > room:
-                self.dropped += len(data) - room
-                data = data[:room]
+                self.dropped += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+                if self.on_exceeded is not None:
+                    self.on_exceeded()
+            if not data:
+                return
             self.kept += len(data)
-        await self.sink.put_output(self.stream, kind, data)
+        if self.log_file is not None:
+            await asyncio.to_thread(self.log_file.write, data)
+        if self.sink is not None:
+            await self.sink.put_output(self.stream, kind, data)
 
     async def report_dropped(self) -> None:
         note = (f"[task-job] {self.dropped} bytes of output dropped "
                 f"(max_output {self.limit} bytes)\n").encode()
-        await self.sink.put_output(self.stream, MsgType.STDERR, note)
+        if self.sink is not None:
+            await self.sink.put_output(self.stream, MsgType.STDERR, note)
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
@@ -444,7 +479,5 @@ def _death_wrapper(path: str | None) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"]
 
 
-async def _discard(kind: MsgType, data: bytes) -> None:
-    return None
 
 

@@ -44,6 +44,7 @@ class TaskStream:
     state_key: str
     log_key: str
     next_seq: int = 0
+    done: bytes | None = None  # the done record, once built
 
 
 @dataclass(slots=True)
@@ -89,6 +90,7 @@ class RedisSink:
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _space: asyncio.Event = field(default_factory=asyncio.Event)
     _spool_dir: Path | None = None
+    tee: Any = None  # an HttpSink that gets every record too, in the same order
     _closing: bool = False
     _running: bool = False
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -107,14 +109,21 @@ class RedisSink:
     async def put_output(self, stream: TaskStream, kind: MsgType, data: bytes) -> None:
         """Queue one stdout/stderr record; waits while the buffer is full (back-pressure)."""
         need = len(data) + OP_OVERHEAD
-        while self._buffered and self._buffered + need > self.buffer_bytes:
-            self._pressure.set()  # lets a sink waiting out an outage spool instead
-            self._space.clear()
-            await self._space.wait()
+        while True:
+            if self._buffered and self._buffered + need > self.buffer_bytes:
+                self._pressure.set()  # lets a sink waiting out an outage spool instead
+                self._space.clear()
+                await self._space.wait()
+            elif self.tee is not None and not self.tee.has_room(need):
+                await self.tee.wait_room()
+            else:
+                break
         # seq is taken only after the wait, with no await in between: seq order = queue order.
         seq = stream.next_seq
         stream.next_seq += 1
         payload = build_output_record(stream.head, kind, data, seq, time.time())
+        if self.tee is not None:
+            self.tee.add(payload)
         last = self._ops[-1] if self._ops else None
         size = len(payload) + OP_OVERHEAD
         if (isinstance(last, _Records) and last.stream is stream
@@ -139,6 +148,9 @@ class RedisSink:
         stream.next_seq += 1
         now = time.time()
         record = build_done_record(stream.head, outcome, seq, now)
+        stream.done = record
+        if self.tee is not None:
+            self.tee.add(record)
         dead = build_dead_entry(raw, dead_reason, self.executor, now) if dead_reason else b""
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
         args = [mode, self.executor, seq, record, raw, dead, outcome.status.value, exit_code,

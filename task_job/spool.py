@@ -41,8 +41,9 @@ def encode(call: Call) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def spool_name(executor: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", executor) + ".spool"
+def spool_name(executor: str, suffix: str = ".spool") -> str:
+    """File name of an executor's spool: Redis operations `.spool`, HTTP records `.httpspool`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", executor) + suffix
 
 
 class SpoolFile:
@@ -131,8 +132,8 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-def leftover_spools(directory: Path) -> Iterator[Path]:
+def leftover_spools(directory: Path, suffix: str = ".spool") -> Iterator[Path]:
     """Spool files of earlier runs, oldest first (the caller skips those still locked)."""
     if not directory.is_dir():
         return
-    yield from sorted(directory.glob("*.spool"), key=lambda p: p.stat().st_mtime)
+    yield from sorted(directory.glob(f"*{suffix}"), key=lambda p: p.stat().st_mtime)
