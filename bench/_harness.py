@@ -85,6 +85,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+FINAL = {b"succeeded", b"failed", b"timeout", b"killed", b"cancelled", b"lost", b"rejected"}
+
+
+def wait_final(r: redis.Redis, task_id: str, queue: str = "queue_job_task", timeout: float = 600) -> bytes:
+    """Poll the task's state until final: finish.lua sets it in the same step that writes the
+    done record, so this is exact, and costs one HGET instead of re-reading the records."""
+    key = f"{{{queue}}}:task:{task_id}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = r.hget(key, "status")
+        if status in FINAL:
+            return status
+        time.sleep(0.0005)
+    raise TimeoutError(task_id)
+
+
 def wait_done(r: redis.Redis, logs: str, task_id: str, start: int, timeout: float = 60) -> tuple[dict, int]:
     """Scan the logs list from `start` for task_id's done record; returns (record, next index)."""
     deadline = time.monotonic() + timeout

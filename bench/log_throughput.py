@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 
-from _harness import executor, peak_rss_mb, redis_server, wait_done
+from _harness import executor, peak_rss_mb, redis_server, wait_final
 
 SCRIPTS = {
     "short.sh": '#!/bin/sh\nseq 1 "$1"\n',
@@ -59,10 +59,10 @@ def main() -> None:
                     task_id = f"t{run}"
                     t0 = time.perf_counter()
                     r.rpush("queue_job_task", json.dumps({"id": task_id, "task": {"cmdline": script, "cmd_args": [arg]}}))
-                    rec, _ = wait_done(r, "queue_job_task_logs", task_id, 0, timeout=600)
+                    status = wait_final(r, task_id)
                     ours.append(time.perf_counter() - t0)
                     rss.append(peak_rss_mb(proc.pid))
-                    assert rec["status"] == "succeeded", rec
+                    assert status == b"succeeded", status
                     nbytes = nlines = 0
                     for start in range(0, r.llen("queue_job_task_logs"), 500):
                         for raw in r.lrange("queue_job_task_logs", start, start + 499):

@@ -106,6 +106,7 @@ def run(config_path: str | None, redis_addr: str | None, queue_name: str | None,
             fail(f"embedded redis: {exc}")
         config = dataclasses.replace(config, redis_addr=server.url)
         click.echo(f"task-job: embedded redis at {server.url}", err=True)
+    _bound_heap()
     try:
         code = asyncio.run(_run(config, demo))
     except BrokerError as exc:
@@ -134,6 +135,19 @@ def _write_demo_script(directory: Path) -> None:
     script = directory / "hello.sh"
     script.write_text(DEMO_SCRIPT)
     script.chmod(0o755)
+
+
+def _bound_heap() -> None:
+    """Serve buffers of 128 KiB and more straight from mmap (glibc). Left to itself, glibc
+    raises that threshold as big buffers are freed, and the heap of an executor streaming
+    hundreds of MB grows by tens of MB it never returns. Measured in bench/log_throughput.py."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD; a fixed value stops the adjustment
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 async def _run(config: Config, demo: bool) -> int:

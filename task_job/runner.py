@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -19,7 +20,11 @@ from typing import Any
 from task_job.errors import ConfinementError
 from task_job.protocol import MsgType
 
+# One read takes what the pipe holds (a pipe holds 64 KiB); records are cut at line ends.
+# Kept below the 128 KiB mmap threshold (cli._bound_heap): bigger reads would page-fault.
 READ_CHUNK = 64 << 10
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031  # Linux fcntl
 # After the task's main process exits, how long its leftovers may keep the pipes open
 # before the rest of the group is killed (a backgrounded child must not hang the task).
 ORPHAN_GRACE = 2.0
@@ -205,6 +210,7 @@ class Run:
         self._kill_reason = ""
         self._ending = Ending.EXITED
         self._kill_signal: str | None = None
+        self._fds: tuple[int, int] = (-1, -1)
 
     @property
     def pid(self) -> int | None:
@@ -212,13 +218,30 @@ class Run:
 
     async def start(self) -> None:
         """Spawn in a new session (own process group); raises OSError if exec fails."""
-        # start_new_session uses setsid() in the child without a preexec_fn, so the fast
-        # spawn path stays available, and a kill can reach the whole group.
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, cwd=self.cwd, env=self.env, start_new_session=True,
-            stdin=asyncio.subprocess.PIPE if self.stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )
+        # Our own pipes, read directly: 1 MiB deep where the kernel allows, so a fast task is
+        # drained in a tight loop instead of one event-loop round per 64 KiB.
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        for fd in (out_w, err_w):
+            _grow_pipe(fd)
+        try:
+            # start_new_session uses setsid() in the child without a preexec_fn, so the fast
+            # spawn path stays available, and a kill can reach the whole group.
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, cwd=self.cwd, env=self.env, start_new_session=True,
+                stdin=asyncio.subprocess.PIPE if self.stdin is not None else asyncio.subprocess.DEVNULL,
+                stdout=out_w, stderr=err_w,
+            )
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w):
+                os.close(fd)
+        for fd in (out_r, err_r):
+            os.set_blocking(fd, False)
+        self._fds = (out_r, err_r)
         self.started_at = time.time()
         self._started_mono = time.monotonic()
 
@@ -229,25 +252,50 @@ class Run:
             self._ending = Ending.KILLED
             self._kill_requested.set()
 
-    async def _pump(self, reader: asyncio.StreamReader, kind: MsgType) -> None:
-        """Read big chunks; hand on whole lines, splitting only lines longer than the cap."""
+    async def _pump(self, fd: int, kind: MsgType) -> None:
+        """Read the pipe until EOF; hand on whole lines in pieces of at most record_max_bytes,
+        splitting only a line longer than that. Closes fd."""
+        loop = asyncio.get_running_loop()
         pending = b""
         cap = self.record_max_bytes
-        while True:
-            chunk = await reader.read(READ_CHUNK)
-            if not chunk:
-                break
-            pending += chunk
-            while len(pending) >= cap:
-                cut = pending.rfind(b"\n", 0, cap) + 1 or _utf8_cut(pending, cap)
-                await self.on_output(kind, pending[:cut])
-                pending = pending[cut:]
-            cut = pending.rfind(b"\n") + 1
-            if cut:
-                await self.on_output(kind, pending[:cut])
-                pending = pending[cut:]
-        if pending:
-            await self.on_output(kind, pending)
+        emit = self.on_output
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, READ_CHUNK)
+                except BlockingIOError:
+                    # Watch the fd only while waiting: it stays readable while we are slowed
+                    # by back-pressure, and a level-triggered watch would spin.
+                    ready: asyncio.Future[None] = loop.create_future()
+                    loop.add_reader(fd, _resolve, ready)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_reader(fd)
+                    continue
+                if not chunk:
+                    break
+                data = pending + chunk if pending else chunk
+                start = 0
+                whole = data.rfind(b"\n") + 1  # end of the last complete line (0: none)
+                while whole - start > cap:
+                    cut = data.rfind(b"\n", start, start + cap) + 1
+                    if cut <= start:  # one line longer than a record: split it
+                        cut = start + _utf8_cut(data[start:start + cap + 1], cap)
+                    await emit(kind, data[start:cut])
+                    start = cut
+                if whole > start:
+                    await emit(kind, data[start:whole])
+                    start = whole
+                while len(data) - start >= cap:  # a partial line already longer than a record
+                    cut = start + _utf8_cut(data[start:start + cap + 1], cap)
+                    await emit(kind, data[start:cut])
+                    start = cut
+                pending = data[start:]
+            if pending:
+                await emit(kind, pending)
+        finally:
+            os.close(fd)
 
     async def _feed_stdin(self) -> None:
         assert self.proc is not None and self.proc.stdin is not None and self.stdin is not None
@@ -276,10 +324,10 @@ class Run:
     async def wait(self) -> RunResult:
         """Stream output until the process group is done; return how it ended."""
         proc = self.proc
-        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        assert proc is not None
         pumps = [
-            asyncio.ensure_future(self._pump(proc.stdout, MsgType.STDOUT)),
-            asyncio.ensure_future(self._pump(proc.stderr, MsgType.STDERR)),
+            asyncio.ensure_future(self._pump(self._fds[0], MsgType.STDOUT)),
+            asyncio.ensure_future(self._pump(self._fds[1], MsgType.STDERR)),
         ]
         feeder = asyncio.ensure_future(self._feed_stdin()) if self.stdin is not None else None
         # Not proc.wait(): asyncio's wait also waits for the pipes to close, which a
@@ -300,8 +348,7 @@ class Run:
             await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
             _killpg(proc.pid, signal.SIGKILL)
             _, stuck = await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
-            if stuck:
-                _close_pipes(proc)
+            if stuck:  # a member that left the group still holds a pipe: stop reading it
                 for pump in stuck:
                     pump.cancel()
             await asyncio.gather(*pumps, return_exceptions=bool(stuck))
@@ -359,17 +406,21 @@ def _exit_future(proc: asyncio.subprocess.Process) -> tuple[asyncio.Future[None]
     return fut, release
 
 
-def _close_pipes(proc: asyncio.subprocess.Process) -> None:
-    transport = getattr(proc, "_transport", None)
-    for fd in (1, 2):
-        pipe = transport.get_pipe_transport(fd) if transport is not None else None
-        if pipe is not None:
-            pipe.close()
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size, or not Linux: the default depth will do
 
 
 def _utf8_cut(data: bytes, limit: int) -> int:
     """A cut at or below limit that does not split a UTF-8 sequence (if one is near)."""
-    cut = limit
+    cut = min(limit, len(data) - 1)
     for _ in range(3):
         if cut > 0 and (data[cut] & 0xC0) == 0x80:
             cut -= 1
