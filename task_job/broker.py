@@ -175,6 +175,38 @@ class Broker:
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         return await self.scripts.call(self.redis, name, keys, args)
 
+    async def call_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+                        ) -> list[Any]:
+        """The same script for several (keys, args) in one pipelined round trip. Raises on
+        network and transient errors; the scripts must be safe to repeat."""
+        while True:
+            pipe = self.redis.pipeline(transaction=False)
+            for keys, args in calls:
+                self.scripts.queue(pipe, name, keys, args)
+            try:
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            finally:
+                await pipe.reset()
+            if any(isinstance(r, NoScriptError) for r in results):
+                await self.scripts.load(self.redis)  # Redis restarted or SCRIPT FLUSH
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+
+    async def claim_now(self, source: str, processing: str, count: int) -> list[bytes]:
+        """Up to `count` queued messages moved to `processing` in one round trip (LMOVE each,
+        no blocking); fewer when the queue runs out."""
+        pipe = self.redis.pipeline(transaction=False)
+        for _ in range(count):
+            pipe.lmove(source, processing, "LEFT", "RIGHT")
+        try:
+            moved = await pipe.execute()
+        finally:
+            await pipe.reset()
+        return [raw for raw in moved if raw is not None]
+
     async def acknowledged(self) -> None:
         """With wait_replicas, wait (briefly) until replicas hold what was written so far, so a
         failover cannot take back a claim or a done record."""

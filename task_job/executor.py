@@ -9,7 +9,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from task_job.protocol import (
     parse_control,
     parse_task,
 )
-from task_job.runner import Ending, Run, RunResult, confine
+from task_job.runner import Ending, Guard, Run, RunResult, confine
 from task_job.sinks import RedisSink, TaskStream
 
 log = logging.getLogger(__name__)
@@ -106,7 +105,7 @@ class Executor:
         self._slot_freed = asyncio.Event()
         self._ready = asyncio.Event()
         self._env = dict(os.environ)
-        self._wrapper = _death_wrapper(self._env.get("PATH")) if config.die_with_executor else []
+        self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
         self.claimed = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -129,6 +128,8 @@ class Executor:
                 "as this executor; use a dedicated root-owned directory",
                 extra={"cmd_dir": cfg.cmd_dir})
         await self.broker.start()
+        if self._guard is not None:
+            self._guard.start()
         await self.sink.replay_spools()
         await self.fleet.register()
         self.link.up("start")
@@ -161,6 +162,8 @@ class Executor:
         finally:
             await self.fleet.deregister()
             await self.broker.close()
+            if self._guard is not None:
+                self._guard.close()
         log.info("executor stopped", extra={"executor": self.id, "claimed": self.claimed})
 
     async def _drain(self) -> None:
@@ -217,8 +220,10 @@ class Executor:
         redis = self.broker.redis
         processing = self.keys.processing(self.id)
         attempt = 0
+        busy = False  # the last round claimed something: the queue may hold more
         while not self._stopping.is_set():
-            if len(self.running) >= self.config.max_concurrency:
+            free = self.config.max_concurrency - len(self.running)
+            if free <= 0:
                 stop = asyncio.ensure_future(self._stopping.wait())
                 slot = asyncio.ensure_future(self._wait_slot())
                 await asyncio.wait({stop, slot}, return_when=asyncio.FIRST_COMPLETED)
@@ -226,60 +231,83 @@ class Executor:
                 slot.cancel()
                 continue
             try:
-                raw = await redis.blmove(self.keys.queue, processing, CLAIM_BLOCK, "LEFT", "RIGHT")
-                if raw is not None and self._stopping.is_set():
-                    # The claim was in flight when the stop came: give it back, in its place.
-                    await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
-                elif raw is not None:
-                    await self._claimed(raw, tg)
+                # While work is queued, fill every free slot in one round trip; when the
+                # queue looks empty, block for one message.
+                raws = await self.broker.claim_now(self.keys.queue, processing, free) \
+                    if busy and free > 1 else []
+                if not raws:
+                    raw = await redis.blmove(self.keys.queue, processing, CLAIM_BLOCK,
+                                             "LEFT", "RIGHT")
+                    raws = [raw] if raw is not None else []
+                busy = bool(raws)
+                if raws and self._stopping.is_set():
+                    # Claims in flight when the stop came: give them back, in their places.
+                    for raw in reversed(raws):
+                        await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
+                elif raws:
+                    await self._claimed(raws, tg)
                 if attempt:
                     await self._reconcile()
                 self.link.up("claiming")
                 attempt = 0
             except NETWORK_ERRORS as exc:
                 self.link.down("claiming", exc)
+                busy = False
                 attempt += 1
                 await backoff(attempt)
             except Exception:  # a bug must not stop claiming; the claim is reconciled later
                 log.exception("claim failed")
+                busy = False
                 attempt += 1
                 await backoff(attempt)
 
-    async def _claimed(self, raw: bytes, tg: asyncio.TaskGroup) -> None:
-        self.claimed += 1
-        try:
-            task = parse_task(raw, self.config.max_message_bytes)
-        except ProtocolError as exc:
-            self._reject(raw, exc.reason, exc.task_id)
+    async def _claimed(self, raws: list[bytes], tg: asyncio.TaskGroup) -> None:
+        """Begin the claimed messages (one round trip for all) and start what may run."""
+        self.claimed += len(raws)
+        claims: list[tuple[bytes, Task, str]] = []
+        for raw in raws:
+            try:
+                task = parse_task(raw, self.config.max_message_bytes)
+            except ProtocolError as exc:
+                self._reject(raw, exc.reason, exc.task_id)
+                continue
+            claims.append((raw, task, f"{self.id}/{os.getpid()}/{next(self._claims)}"))
+        if not claims:
             return
-        token = f"{self.id}/{os.getpid()}/{next(self._claims)}"
-        verdict, last_seq, attempt = await self._begin(task, token)
-        verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
-        if verdict == "duplicate":
-            # The id already has (or will have) its one done record: no second one here.
-            self._track(self.sink.dead_letter(raw, f"duplicate id {task.id!r}: already seen"))
-            log.warning("rejected duplicate id", extra={"task_id": task.id, "status": "rejected"})
-            return
-        stream = self.sink.open_stream(RecordHead.of(task, self.id), int(last_seq) + 1)
-        if verdict == "cancelled":
-            self._track(self.sink.finish(stream, Outcome(Status.CANCELLED,
-                        "cancelled before it started"), raw=raw, mode="cancel"))
-            log.info("task cancelled", extra={"task_id": task.id, "status": "cancelled"})
-            return
-        tr = TaskRun(task, stream, int(attempt))
-        self.running[task.id] = tr
-        log.info("task claimed", extra={"task_id": task.id, "attempt": tr.attempt})
-        tg.create_task(self._execute(tr))
+        verdicts = await self._begin(claims)
+        for (raw, task, _), (verdict, last_seq, attempt) in zip(claims, verdicts, strict=True):
+            verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+            if verdict == "duplicate":
+                # The id already has (or will have) its one done record: no second one here.
+                self._track(self.sink.dead_letter(raw, f"duplicate id {task.id!r}: already seen"))
+                log.warning("rejected duplicate id", extra={"task_id": task.id,
+                                                            "status": "rejected"})
+                continue
+            stream = self.sink.open_stream(RecordHead.of(task, self.id), int(last_seq) + 1)
+            if verdict == "cancelled":
+                self._track(self.sink.finish(stream, Outcome(Status.CANCELLED,
+                            "cancelled before it started"), raw=raw, mode="cancel"))
+                log.info("task cancelled", extra={"task_id": task.id, "status": "cancelled"})
+                continue
+            tr = TaskRun(task, stream, int(attempt))
+            self.running[task.id] = tr
+            log.info("task claimed", extra={"task_id": task.id, "attempt": tr.attempt})
+            tg.create_task(self._execute(tr))
 
-    async def _begin(self, task: Task, token: str) -> tuple[Any, Any, Any]:
-        """begin.lua, repeated through an outage (safe: the claim token makes it idempotent)."""
+    async def _begin(self, claims: list[tuple[bytes, Task, str]]) -> list[Any]:
+        """begin.lua for each claim, repeated through an outage (safe: the claim token makes
+        it idempotent). Returns [verdict, last_seq, attempt] per claim."""
         attempt = 0
+        calls = [([self.keys.task(task.id)], [self.id, f"{time.time():.6f}", token])
+                 for _, task, token in claims]
         while True:
             try:
-                result = await self.broker.call("begin", [self.keys.task(task.id)],
-                                                [self.id, f"{time.time():.6f}", token])
-                await self.broker.acknowledged()  # the claim survives a failover
-                return result[0], result[1], result[2]
+                if len(calls) == 1:
+                    results = [await self.broker.call("begin", *calls[0])]
+                else:
+                    results = await self.broker.call_many("begin", calls)
+                await self.broker.acknowledged()  # the claims survive a failover
+                return results
             except NETWORK_ERRORS as exc:
                 self.link.down("claiming", exc)
                 attempt += 1
@@ -347,9 +375,10 @@ class Executor:
         over = (lambda: tr.kill(f"max_output of {limit} bytes exceeded")) \
             if cfg.max_output_action == "kill" else None
         output = _OutputGate(self.sink if cfg.logs else None, tr.stream, limit, tr.log_file, over)
-        run = Run([*self._wrapper, *argv], cwd=workdir, env=env, stdin=task.stdin,
+        run = Run(argv, cwd=workdir, env=env, stdin=task.stdin,
                   timeout=task.timeout, kill_grace=cfg.kill_grace,
-                  record_max_bytes=cfg.record_max_bytes, on_output=output.put)
+                  record_max_bytes=cfg.record_max_bytes, on_output=output.put,
+                  guard=self._guard)
         await run.start()
         tr.run = run
         if tr.kill_reason is not None:
@@ -466,18 +495,3 @@ class _OutputGate:
 def _log_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("a settling operation failed", extra={"error": repr(future.exception())})
-
-
-def _death_wrapper(path: str | None) -> list[str]:
-    """argv prefix that makes a task's process die with its executor (Linux parent-death
-    signal, set by util-linux setpriv, which then execs the task: same pid, no shell)."""
-    setpriv = shutil.which("setpriv", path=path)
-    if setpriv is None:
-        log.warning("setpriv not found: tasks will not die with a SIGKILLed executor "
-                    "(run under systemd so the cgroup stops them)")
-        return []
-    return [setpriv, "--pdeathsig", "KILL", "--"]
-
-
-
-

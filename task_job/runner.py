@@ -8,9 +8,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
+import logging
+import mmap
 import os
 import shutil
 import signal
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +25,8 @@ from typing import Any
 
 from task_job.errors import ConfinementError
 from task_job.protocol import MsgType
+
+_log = logging.getLogger(__name__)
 
 # One read takes what the pipe holds (a pipe holds 64 KiB); records are cut at line ends.
 # Kept below the 128 KiB mmap threshold (cli._bound_heap): bigger reads would page-fault.
@@ -56,7 +64,10 @@ def _inside(path: str, root: str) -> bool:
 
 def resolve_workdir(cmd_dir: str, cwd: str | None) -> str:
     """The real working directory of a task: cmd_dir, or task.cwd inside it."""
-    root = os.path.realpath(cmd_dir)
+    return _workdir(os.path.realpath(cmd_dir), cwd)
+
+
+def _workdir(root: str, cwd: str | None) -> str:
     if not cwd:
         return root
     path = os.path.realpath(os.path.join(root, cwd))
@@ -76,8 +87,17 @@ def _resolve_in(word: str, workdir: str, root: str, what: str) -> str:
     return path
 
 
-def _interpreters(names: Sequence[str], path_env: str | None) -> dict[str, str]:
-    """Real path of each configured interpreter -> its family."""
+@functools.lru_cache(maxsize=256)
+def _which(word: str, path_env: str | None) -> str | None:
+    """Where PATH finds a bare command word. Only decides whether the word may be an
+    interpreter; the real path of the result is checked on every call."""
+    return shutil.which(word, path=path_env)
+
+
+@functools.lru_cache(maxsize=8)
+def _interpreters(names: tuple[str, ...], path_env: str | None) -> dict[str, str]:
+    """Real path of each configured interpreter -> its family. Looked up once per executor:
+    if an interpreter is swapped later, its new path is simply not an interpreter (refused)."""
     found: dict[str, str] = {}
     for name in names:
         where = shutil.which(name, path=path_env)
@@ -94,8 +114,8 @@ def confine(
 
     argv[0] comes back as the resolved real path, so what was checked is what runs.
     """
-    workdir = resolve_workdir(cmd_dir, cwd)
     root = os.path.realpath(cmd_dir)
+    workdir = _workdir(root, cwd)
     word = argv[0]
     if mode == "cwd":
         if "/" in word:
@@ -103,8 +123,8 @@ def confine(
         found = shutil.which(word, path=path_env) or os.path.join(workdir, word)
         return [found, *argv[1:]], workdir
 
-    known = _interpreters(interpreters, path_env)
-    located = word if "/" in word else shutil.which(word, path=path_env)
+    known = _interpreters(tuple(interpreters), path_env)
+    located = word if "/" in word else _which(word, path_env)
     interp = os.path.realpath(located) if located and ("/" not in word or os.path.isabs(word)) else None
     if interp is not None and interp in known and not _inside(interp, root):
         return _confine_interpreter(argv, interp, known[interp], workdir, root), workdir
@@ -193,7 +213,7 @@ class Run:
     def __init__(
         self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], on_output: OutputCallback,
         stdin: str | None = None, timeout: float | None = None, kill_grace: float = 5.0,
-        record_max_bytes: int = READ_CHUNK,
+        record_max_bytes: int = READ_CHUNK, guard: Guard | None = None,
     ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
@@ -203,7 +223,9 @@ class Run:
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.record_max_bytes = record_max_bytes
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.guard = guard
+        self._stdin_fd = -1
         self.started_at = 0.0
         self._started_mono = 0.0
         self._kill_requested = asyncio.Event()
@@ -222,26 +244,35 @@ class Run:
         # drained in a tight loop instead of one event-loop round per 64 KiB.
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r = in_w = -1
+        if self.stdin is not None:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
         for fd in (out_w, err_w):
             _grow_pipe(fd)
         try:
-            # start_new_session uses setsid() in the child without a preexec_fn, so the fast
-            # spawn path stays available, and a kill can reach the whole group.
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, cwd=self.cwd, env=self.env, start_new_session=True,
-                stdin=asyncio.subprocess.PIPE if self.stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=out_w, stderr=err_w,
+            # subprocess.Popen, not asyncio's: no child-watcher thread per process, and with
+            # no preexec_fn CPython spawns by vfork. start_new_session is setsid() in the
+            # child, so a kill reaches the whole group. The exit is watched through a pidfd.
+            self.proc = subprocess.Popen(
+                self.argv, cwd=self.cwd, env=self.env, start_new_session=True,
+                stdin=in_r if in_r >= 0 else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
             )
         except BaseException:
-            for fd in (out_r, err_r):
-                os.close(fd)
+            for fd in (out_r, err_r, in_w):
+                if fd >= 0:
+                    os.close(fd)
             raise
         finally:
-            for fd in (out_w, err_w):
-                os.close(fd)
-        for fd in (out_r, err_r):
-            os.set_blocking(fd, False)
+            for fd in (out_w, err_w, in_r):
+                if fd >= 0:
+                    os.close(fd)
+        if self.guard is not None:
+            self.guard.watch(self.proc.pid)
+        for fd in (out_r, err_r, in_w):
+            if fd >= 0:
+                os.set_blocking(fd, False)
         self._fds = (out_r, err_r)
+        self._stdin_fd = in_w
         self.started_at = time.time()
         self._started_mono = time.monotonic()
 
@@ -298,14 +329,26 @@ class Run:
             os.close(fd)
 
     async def _feed_stdin(self) -> None:
-        assert self.proc is not None and self.proc.stdin is not None and self.stdin is not None
+        """Write task.stdin to the process and close it; a reader that goes away is fine."""
+        assert self.stdin is not None
+        fd, self._stdin_fd = self._stdin_fd, -1
+        data = memoryview(self.stdin.encode("utf-8", "surrogateescape"))
+        loop = asyncio.get_running_loop()
         try:
-            self.proc.stdin.write(self.stdin.encode("utf-8", "surrogateescape"))
-            await self.proc.stdin.drain()
+            while data:
+                try:
+                    data = data[os.write(fd, data):]
+                except BlockingIOError:
+                    ready: asyncio.Future[None] = loop.create_future()
+                    loop.add_writer(fd, _resolve, ready)
+                    try:
+                        await ready
+                    finally:
+                        loop.remove_writer(fd)
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
-            self.proc.stdin.close()
+            os.close(fd)
 
     async def _terminate(self, exited: asyncio.Future[None]) -> None:
         """SIGTERM the group, SIGKILL it after kill_grace if the leader still lives."""
@@ -330,8 +373,8 @@ class Run:
             asyncio.ensure_future(self._pump(self._fds[1], MsgType.STDERR)),
         ]
         feeder = asyncio.ensure_future(self._feed_stdin()) if self.stdin is not None else None
-        # Not proc.wait(): asyncio's wait also waits for the pipes to close, which a
-        # backgrounded grandchild can hold open for ever.
+        # The leader's exit, not the pipes' EOF: a backgrounded grandchild can hold the pipes
+        # open for ever.
         exited, release = _exit_future(proc)
         killer: asyncio.Future[Any] = asyncio.ensure_future(self._kill_requested.wait())
         try:
@@ -354,7 +397,7 @@ class Run:
             await asyncio.gather(*pumps, return_exceptions=bool(stuck))
             if feeder is not None:
                 await feeder
-            await proc.wait()
+            proc.wait()  # reaps at once: the pidfd said it exited
         finally:
             release()
             killer.cancel()
@@ -363,6 +406,12 @@ class Run:
                     fut.cancel()
             if proc.returncode is None:  # cancelled from outside: leave nothing running
                 _killpg(proc.pid, signal.SIGKILL)
+                await asyncio.shield(_reap(proc))
+            if self._stdin_fd >= 0:
+                os.close(self._stdin_fd)
+                self._stdin_fd = -1
+            if self.guard is not None:
+                self.guard.release(proc.pid)
         finished = time.time()
         returncode = proc.returncode
         assert returncode is not None
@@ -373,10 +422,10 @@ class Run:
         )
 
 
-def _exit_future(proc: asyncio.subprocess.Process) -> tuple[asyncio.Future[None], Callable[[], None]]:
+def _exit_future(proc: subprocess.Popen[bytes]) -> tuple[asyncio.Future[None], Callable[[], None]]:
     """A future done when the process exits (pipes or not), and a release for its fd.
 
-    A pidfd becomes readable at exit; where pidfds are missing, poll returncode.
+    A pidfd becomes readable at exit; where pidfds are missing, poll the process.
     """
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[None] = loop.create_future()
@@ -391,11 +440,8 @@ def _exit_future(proc: asyncio.subprocess.Process) -> tuple[asyncio.Future[None]
         mark()  # already exited and reaped
         return fut, lambda: None
     except (AttributeError, OSError):
-        async def poll() -> None:
-            while proc.returncode is None:
-                await asyncio.sleep(0.05)
-            mark()
-        poller = asyncio.ensure_future(poll())
+        poller = asyncio.ensure_future(_reap(proc))
+        poller.add_done_callback(lambda _: mark())
         return fut, lambda: None if poller.cancel() else None
     loop.add_reader(fd, mark)
 
@@ -404,6 +450,14 @@ def _exit_future(proc: asyncio.subprocess.Process) -> tuple[asyncio.Future[None]
         os.close(fd)
 
     return fut, release
+
+
+async def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a process without a pidfd or a thread: poll it."""
+    delay = 0.001
+    while proc.poll() is None:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -431,3 +485,119 @@ def _utf8_cut(data: bytes, limit: int) -> int:
 
 def _fmt_seconds(value: float) -> str:
     return f"{value:g}s"
+
+
+# The guard: a small process that makes the process groups of running tasks die with the
+# executor, however it dies (SIGKILL, OOM). It holds the read end of a pipe from the executor
+# and a shared memory table (a memfd) of running groups, one slot per task slot; the executor
+# fills and clears slots with plain memory writes, so a task costs no syscall and no wakeup.
+# When the executor dies the pipe reaches EOF and the guard SIGKILLs every group in the table,
+# the tasks' own children included. It ignores SIGINT/SIGTERM: only EOF ends it.
+_GUARD_SOURCE = """
+import mmap, os, signal, struct, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+table = int(sys.argv[1])
+while os.read(0, 4096):
+    pass
+size = os.fstat(table).st_size
+if size:
+    for (pgid,) in struct.iter_unpack("q", mmap.mmap(table, size, access=mmap.ACCESS_READ)):
+        if pgid > 0:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except OSError:
+                pass
+"""
+
+
+class Guard:
+    """Makes the process groups of running tasks die with the executor (see _GUARD_SOURCE)."""
+
+    SLOT = struct.Struct("q")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(1, slots)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pipe = -1
+        self._table_fd = -1
+        self._table: mmap.mmap | None = None
+        self._slot_of: dict[int, int] = {}
+        self._free: list[int] = []
+        self._watch_fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self) -> None:
+        if self._table is None:
+            self._table_fd = os.memfd_create("task-job-guard", os.MFD_CLOEXEC)
+            os.ftruncate(self._table_fd, self.slots * self.SLOT.size)
+            self._table = mmap.mmap(self._table_fd, self.slots * self.SLOT.size)
+            self._free = list(range(self.slots - 1, -1, -1))
+        read_end, self._pipe = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _GUARD_SOURCE, str(self._table_fd)],
+                stdin=read_end, stdout=subprocess.DEVNULL, start_new_session=True,
+                pass_fds=(self._table_fd,))
+        finally:
+            os.close(read_end)
+        try:  # if the guard dies, start another one (it reads the same table)
+            self._loop = asyncio.get_running_loop()
+            self._watch_fd = os.pidfd_open(self._proc.pid)
+            self._loop.add_reader(self._watch_fd, self._restart)
+        except (AttributeError, OSError, RuntimeError):  # no pidfd, or no loop (tests)
+            self._watch_fd = -1
+
+    def watch(self, pgid: int) -> None:
+        if self._table is None:
+            return
+        if not self._free:  # more groups than slots: grow the table (the guard reads its size)
+            old = self.slots
+            self.slots *= 2
+            os.ftruncate(self._table_fd, self.slots * self.SLOT.size)
+            self._table.resize(self.slots * self.SLOT.size)
+            self._free = list(range(self.slots - 1, old - 1, -1))
+        slot = self._free.pop()
+        self._slot_of[pgid] = slot
+        self.SLOT.pack_into(self._table, slot * self.SLOT.size, pgid)
+
+    def release(self, pgid: int) -> None:
+        slot = self._slot_of.pop(pgid, None)
+        if slot is not None and self._table is not None:
+            self.SLOT.pack_into(self._table, slot * self.SLOT.size, 0)
+            self._free.append(slot)
+
+    def _restart(self) -> None:
+        _log.warning("task guard exited: starting a new one",
+                     extra={"returncode": self._proc.poll() if self._proc else None})
+        self._stop_guard()
+        self.start()
+
+    def _stop_guard(self, timeout: float = 5.0) -> None:
+        if self._watch_fd >= 0:
+            if self._loop is not None:
+                self._loop.remove_reader(self._watch_fd)
+            os.close(self._watch_fd)
+            self._watch_fd = -1
+        if self._pipe >= 0:
+            os.close(self._pipe)
+            self._pipe = -1
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        """End the guard: on EOF it kills what is still in the table (normally nothing)."""
+        self._stop_guard()
+        if self._table is not None:
+            self._table.close()
+            os.close(self._table_fd)
+            self._table = None

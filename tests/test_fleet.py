@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import statistics
 import time
@@ -77,6 +78,50 @@ async def test_sigkilled_executors_tasks_are_taken_over_and_reported_lost(
     assert sync_redis.llen(keys.processing(victim.executor_id)) == 0
     assert sync_redis.llen(keys.processing(survivor.executor_id)) == 0
     assert took < victim.dead_after + 10, f"takeover took {took:.2f}s"
+
+
+FAMILY = '#!/bin/sh\nsleep 100 &\necho $! > "$1"\nexec sleep 100\n'
+
+
+def guard_of(pid: int) -> int | None:
+    """The executor's guard: its child whose command line carries the guard's source."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"killpg" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+async def test_tasks_and_their_children_die_with_a_sigkilled_executor(
+        make_config: Callable[..., Config], spawn_executor: Callable[..., ExecutorProcess],
+        sync_redis: redis.Redis, cmd_dir: Path, tmp_path: Path) -> None:
+    (cmd_dir / "family.sh").write_text(FAMILY)
+    (cmd_dir / "family.sh").chmod(0o755)
+    config = make_config(**FAST)
+    proc = await spawn_registered(spawn_executor, sync_redis, config, tmp_path / "e.json")
+    first = guard_of(proc.pid)
+    assert first is not None
+    os.kill(first, signal.SIGKILL)  # a guard that dies is replaced
+    second = await wait_until(lambda: (g := guard_of(proc.pid)) != first and g, 10,
+                              what="a new guard")
+    pidfile = tmp_path / "child.pid"
+    async with Client(config) as client:
+        task_id = await client.submit("family.sh", [str(pidfile)])
+    child = int(await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                                 what="the task's child"))
+    leader = int(await wait_until(
+        lambda: sync_redis.hget(Keys.for_config(config).task(task_id), "pid"), what="task pid"))
+    assert pid_alive(leader) and pid_alive(child)
+    proc.signal(signal.SIGKILL)
+    proc.wait(10)
+    await wait_until(lambda: not pid_alive(leader) and not pid_alive(child), 5,
+                     interval=0.01, what="the task and its child to die with the executor")
+    await wait_until(lambda: not pid_alive(second), 5, what="the guard to exit")
 
 
 async def test_lost_task_that_opted_in_is_requeued_and_runs_again(
