@@ -116,6 +116,7 @@ class Executor:
             log.info("stopping: no more claims", extra={"executor": self.id,
                                                         "running": len(self.running)})
             self._stopping.set()
+            self._slot_freed.set()
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -224,11 +225,7 @@ class Executor:
         while not self._stopping.is_set():
             free = self.config.max_concurrency - len(self.running)
             if free <= 0:
-                stop = asyncio.ensure_future(self._stopping.wait())
-                slot = asyncio.ensure_future(self._wait_slot())
-                await asyncio.wait({stop, slot}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                slot.cancel()
+                await self._wait_slot()  # stop() wakes it too
                 continue
             try:
                 # While work is queued, fill every free slot in one round trip; when the
@@ -363,7 +360,7 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
-        env = self._env if not task.env else {**self._env, **task.env}
+        env = None if not task.env else {**self._env, **task.env}  # None: ours, unconverted
         argv, workdir = confine(task.argv, cmd_dir=cfg.cmd_dir, cwd=task.cwd,
                                 interpreters=cfg.interpreters, mode=cfg.confine,
                                 path_env=self._env.get("PATH"))

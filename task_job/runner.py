@@ -211,24 +211,24 @@ class Run:
     """One process group: start it, stream its output, end it by exit, timeout or kill."""
 
     def __init__(
-        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str], on_output: OutputCallback,
+        self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str] | None, on_output: OutputCallback,
         stdin: str | None = None, timeout: float | None = None, kill_grace: float = 5.0,
         record_max_bytes: int = READ_CHUNK, guard: Guard | None = None,
     ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
-        self.env = dict(env)
+        self.env = env
         self.on_output = on_output
         self.stdin = stdin
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.record_max_bytes = record_max_bytes
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Child | None = None
         self.guard = guard
         self._stdin_fd = -1
         self.started_at = 0.0
         self._started_mono = 0.0
-        self._kill_requested = asyncio.Event()
+        self._kill_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._kill_reason = ""
         self._ending = Ending.EXITED
         self._kill_signal: str | None = None
@@ -240,23 +240,15 @@ class Run:
 
     async def start(self) -> None:
         """Spawn in a new session (own process group); raises OSError if exec fails."""
-        # Our own pipes, read directly: 1 MiB deep where the kernel allows, so a fast task is
-        # drained in a tight loop instead of one event-loop round per 64 KiB.
+        # Our own pipes, read directly; one that a task fills is deepened (see _pump).
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         in_r = in_w = -1
         if self.stdin is not None:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        for fd in (out_w, err_w):
-            _grow_pipe(fd)
         try:
-            # subprocess.Popen, not asyncio's: no child-watcher thread per process, and with
-            # no preexec_fn CPython spawns by vfork. start_new_session is setsid() in the
-            # child, so a kill reaches the whole group. The exit is watched through a pidfd.
-            self.proc = subprocess.Popen(
-                self.argv, cwd=self.cwd, env=self.env, start_new_session=True,
-                stdin=in_r if in_r >= 0 else subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-            )
+            self.proc = spawn(self.argv, self.cwd, self.env,
+                              in_r if in_r >= 0 else subprocess.DEVNULL, out_w, err_w)
         except BaseException:
             for fd in (out_r, err_r, in_w):
                 if fd >= 0:
@@ -278,10 +270,10 @@ class Run:
 
     def kill(self, reason: str = "killed") -> None:
         """Ask for the group to be stopped: SIGTERM, then SIGKILL after kill_grace."""
-        if not self._kill_requested.is_set():
+        if not self._kill_requested.done():
             self._kill_reason = reason
             self._ending = Ending.KILLED
-            self._kill_requested.set()
+            self._kill_requested.set_result(None)
 
     async def _pump(self, fd: int, kind: MsgType) -> None:
         """Read the pipe until EOF; hand on whole lines in pieces of at most record_max_bytes,
@@ -290,10 +282,17 @@ class Run:
         pending = b""
         cap = self.record_max_bytes
         emit = self.on_output
+        grown = False
         try:
             while True:
                 try:
                     chunk = os.read(fd, READ_CHUNK)
+                    if not grown and len(chunk) == READ_CHUNK:
+                        # A fast writer filled the pipe: 1 MiB deep where the kernel allows,
+                        # it is drained in a tight loop instead of one event-loop round per
+                        # 64 KiB. Only then: a quiet task keeps the default (and its memory).
+                        grown = True
+                        _grow_pipe(fd)
                 except BlockingIOError:
                     # Watch the fd only while waiting: it stays readable while we are slowed
                     # by back-pressure, and a level-triggered watch would spin.
@@ -376,7 +375,7 @@ class Run:
         # The leader's exit, not the pipes' EOF: a backgrounded grandchild can hold the pipes
         # open for ever.
         exited, release = _exit_future(proc)
-        killer: asyncio.Future[Any] = asyncio.ensure_future(self._kill_requested.wait())
+        killer = self._kill_requested
         try:
             waiters: set[asyncio.Future[Any]] = {exited, killer}
             done, _ = await asyncio.wait(waiters, timeout=self.timeout,
@@ -388,9 +387,12 @@ class Run:
                 await self._terminate(exited)
             # The leader is gone. Leftovers holding the pipes get ORPHAN_GRACE, then the
             # group is killed; a member that left the group cannot keep the task open either.
-            await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
+            if not (pumps[0].done() and pumps[1].done()):
+                await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
             _killpg(proc.pid, signal.SIGKILL)
-            _, stuck = await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
+            stuck: set[asyncio.Future[None]] = set()
+            if not (pumps[0].done() and pumps[1].done()):
+                _, stuck = await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
             if stuck:  # a member that left the group still holds a pipe: stop reading it
                 for pump in stuck:
                     pump.cancel()
@@ -400,7 +402,6 @@ class Run:
             proc.wait()  # reaps at once: the pidfd said it exited
         finally:
             release()
-            killer.cancel()
             for fut in (*pumps, exited, *(f for f in (feeder,) if f)):
                 if not fut.done():
                     fut.cancel()
@@ -422,7 +423,47 @@ class Run:
         )
 
 
-def _exit_future(proc: subprocess.Popen[bytes]) -> tuple[asyncio.Future[None], Callable[[], None]]:
+class Child:
+    """A spawned process: its pid, and its exit status once reaped (by us alone: nothing
+    in the executor waits for any child)."""
+
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
+          stdin: int, stdout: int, stderr: int) -> Child:
+    """Start argv in its own session (setsid: its own process group), in cwd, with these fds
+    as 0, 1 and 2. Raises OSError when the exec fails.
+
+    subprocess.Popen without a preexec_fn, so CPython spawns by vfork; only the pid is kept:
+    no asyncio child watcher (a thread per process on 3.11), the exit is seen via a pidfd.
+    env None passes the executor's own environment without converting it.
+    """
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
+                            stdin=stdin, stdout=stdout, stderr=stderr)
+    child = Child(proc.pid)
+    proc.returncode = 0  # the Child reaps it: keep Popen's __del__ from tracking it
+    return child
+
+
+def _exit_future(proc: Child) -> tuple[asyncio.Future[None], Callable[[], None]]:
     """A future done when the process exits (pipes or not), and a release for its fd.
 
     A pidfd becomes readable at exit; where pidfds are missing, poll the process.
@@ -452,7 +493,7 @@ def _exit_future(proc: subprocess.Popen[bytes]) -> tuple[asyncio.Future[None], C
     return fut, release
 
 
-async def _reap(proc: subprocess.Popen[bytes]) -> None:
+async def _reap(proc: Child) -> None:
     """Wait for a process without a pidfd or a thread: poll it."""
     delay = 0.001
     while proc.poll() is None:
