@@ -113,3 +113,60 @@ def wait_done(r: redis.Redis, logs: str, task_id: str, start: int, timeout: floa
                 return rec, index
         time.sleep(0.0005)
     raise TimeoutError(task_id)
+
+
+@contextmanager
+def rq_worker(redis_url: str, queue: str, worker_class: str | None = None
+              ) -> Iterator[subprocess.Popen[bytes]]:
+    """An `rq worker` (not burst) as a subprocess, yielded once it has registered; jobs are
+    imported from bench/ (rq_jobs.py). Stopped by its pid."""
+    import rq
+
+    bench = str(Path(__file__).resolve().parent)
+    name = f"bench-{os.getpid()}-{time.monotonic_ns()}"
+    args = [sys.executable, "-c", "from rq.cli import main; main()", "worker", "--url", redis_url,
+            "--name", name, "--logging_level", "WARNING", queue]
+    if worker_class:
+        args += ["--worker-class", worker_class]
+    proc = subprocess.Popen(args, cwd=bench, env={**os.environ, "PYTHONPATH": bench},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            deadline = time.monotonic() + 30
+            while not any(w.name == name for w in rq.Worker.all(connection=r)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"rq worker did not start (exit {proc.poll()})")
+                time.sleep(0.01)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def have_rq() -> bool:
+    try:
+        import rq  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def machine() -> str:
+    """One line: cores, Python, Redis version of the server the benchmark started."""
+    import platform
+
+    version = subprocess.run([find_redis(), "--version"], capture_output=True, text=True).stdout
+    redis_v = next((w.split("=")[1] for w in version.split() if w.startswith("v=")), "?")
+    return (f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"redis-server {redis_v}, {platform.system()} {platform.release()}")
+
+
+def find_redis() -> str:
+    from task_job.embedded import find_redis_server
+
+    return str(find_redis_server())

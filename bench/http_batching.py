@@ -17,9 +17,9 @@ import threading
 import time
 
 import orjson
+from _harness import executor, redis_server
 from aiohttp import web
 
-from _harness import executor, redis_server
 from task_job.embedded import free_port
 
 COMBOS = [(64 << 10, 0), (256 << 10, 0), (256 << 10, 20), (512 << 10, 0), (1 << 20, 0), (1 << 20, 20)]

@@ -1,9 +1,11 @@
 """Throughput: N tasks running `true`, pushed at once; time from the first push to the last
-done record. task-job at max_concurrency 1, 4, 16; baselines in the same run: raw spawning
-with asyncio.create_subprocess_exec at the same concurrency, and RQ (default forking worker
-and SimpleWorker) running the same command via subprocess.run. Medians over --runs.
+done record. task-job at max_concurrency 1, 4, 16; in the same run, as baselines: raw
+spawning of the same processes with asyncio.create_subprocess_exec at the same concurrency
+(the limit for a Python executor), and RQ running the same command via subprocess.run with its
+default (forking) worker and with SimpleWorker. Medians over --runs; the kinds of run are
+interleaved so that a noisy moment of a shared machine hits them alike.
 
-    python bench/throughput.py [--tasks 2000] [--runs 3] [--no-rq]
+    python bench/throughput.py [--tasks 2000] [--runs 3] [--concurrency 1,4,16] [--no-rq]
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from _harness import ROOT, executor, redis_server
+import redis
+from _harness import executor, have_rq, machine, redis_server, rq_worker
 
-TRUE = "/bin/true"
+TRUE = shutil.which("true") or "/bin/true"
 
 
 async def raw_spawn(n: int, concurrency: int) -> float:
@@ -37,9 +39,9 @@ async def raw_spawn(n: int, concurrency: int) -> float:
     return time.perf_counter() - t0
 
 
-def task_job(url: str, r, cmd_dir: str, n: int, concurrency: int) -> float:
+def task_job(url: str, r: redis.Redis, cmd_dir: str, n: int, concurrency: int) -> float:
     r.flushall()
-    with executor(url, cmd_dir, max_concurrency=concurrency, log_level="error"):
+    with executor(url, cmd_dir, max_concurrency=concurrency):
         pipe = r.pipeline(transaction=False)
         for i in range(n):
             pipe.rpush("queue_job_task", json.dumps({"id": f"t{i}", "task": {"cmdline": "true"}}))
@@ -47,60 +49,71 @@ def task_job(url: str, r, cmd_dir: str, n: int, concurrency: int) -> float:
         pipe.execute()
         # `true` prints nothing: each task's only record is its done record.
         while r.llen("queue_job_task_logs") < n:
-            time.sleep(0.001)
+            time.sleep(0.0005)
         elapsed = time.perf_counter() - t0
-        statuses = {json.loads(x)["status"] for x in r.lrange("queue_job_task_logs", 0, -1)}
-        assert statuses == {"succeeded"}, statuses
-        return elapsed
+    statuses = {json.loads(x)["status"] for x in r.lrange("queue_job_task_logs", 0, -1)}
+    assert statuses == {"succeeded"}, statuses
+    return elapsed
 
 
-def rq_run(url: str, r, n: int, worker_class: str | None) -> float:
+def rq_run(url: str, r: redis.Redis, n: int, worker_class: str | None) -> float:
     from rq import Queue
 
     r.flushall()
     queue = Queue("bench", connection=r)
-    t0 = time.perf_counter()
-    with r.pipeline() as pipe:
-        for _ in range(n):
-            queue.enqueue("rq_jobs.run", [TRUE], pipeline=pipe)
-        pipe.execute()
-    args = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", url, "-q", "bench"]
-    if worker_class:
-        args += ["-w", worker_class]
-    subprocess.run(args, cwd=os.path.dirname(__file__), check=True,
-                   env={**os.environ, "PYTHONPATH": os.path.dirname(__file__)})
-    return time.perf_counter() - t0
+    with rq_worker(url, "bench", worker_class):
+        t0 = time.perf_counter()
+        with r.pipeline() as pipe:
+            for _ in range(n):
+                queue.enqueue("rq_jobs.run", [TRUE], pipeline=pipe)
+            pipe.execute()
+        while queue.finished_job_registry.count + queue.failed_job_registry.count < n:
+            time.sleep(0.001)
+        elapsed = time.perf_counter() - t0
+    assert queue.failed_job_registry.count == 0, "RQ jobs failed"
+    return elapsed
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--no-rq", action="store_true")
     args = parser.parse_args()
     n = args.tasks
+    levels = [int(c) for c in args.concurrency.split(",")]
+    use_rq = not args.no_rq and have_rq()
+    times: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as cmd_dir, redis_server() as (server, r):
         shutil.copy(TRUE, os.path.join(cmd_dir, "true"))
-        rows = []
-        rq_default = rq_simple = None
-        if not args.no_rq:
-            rq_default = statistics.median(rq_run(server.url, r, n, None) for _ in range(args.runs))
-            rq_simple = statistics.median(rq_run(server.url, r, n, "rq.worker.SimpleWorker")
-                                          for _ in range(args.runs))
-        for c in (1, 4, 16):
-            raw = statistics.median(asyncio.run(raw_spawn(n, c)) for _ in range(args.runs))
-            ours = statistics.median(task_job(server.url, r, cmd_dir, n, c) for _ in range(args.runs))
-            rows.append((c, raw, ours))
-    print(f"{n} tasks of `true`, medians of {args.runs} runs (tasks/s)")
-    if rq_default:
-        print(f"  RQ default worker: {n / rq_default:8.0f}/s   RQ SimpleWorker: {n / rq_simple:8.0f}/s")
-    print(f"{'conc':>5} {'raw asyncio':>12} {'task-job':>10} {'tj/raw':>7} {'tj/RQ':>7} {'tj/Simple':>10}")
-    for c, raw, ours in rows:
-        vs_rq = f"{rq_default / ours:7.1f}" if rq_default else "      -"
-        vs_simple = f"{rq_simple / ours:10.1f}" if rq_simple else "         -"
-        print(f"{c:>5} {n / raw:12.0f} {n / ours:10.0f} {raw / ours:7.2f} {vs_rq} {vs_simple}")
+        for run in range(args.runs):
+            print(f"run {run + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+            if use_rq:
+                times.setdefault("rq", []).append(rq_run(server.url, r, n, None))
+                times.setdefault("rq_simple", []).append(
+                    rq_run(server.url, r, n, "rq.worker.SimpleWorker"))
+            for c in levels:
+                times.setdefault(f"raw{c}", []).append(asyncio.run(raw_spawn(n, c)))
+                times.setdefault(f"tj{c}", []).append(task_job(server.url, r, cmd_dir, n, c))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"Throughput: {n} tasks of `true` pushed at once, medians of {args.runs} runs")
+    print(f"machine: {machine()}")
+    if use_rq:
+        print(f"RQ default worker {n / med['rq']:.0f} tasks/s, "
+              f"RQ SimpleWorker {n / med['rq_simple']:.0f} tasks/s (one worker, one job at a time)")
+    header = "| concurrency | raw asyncio/s | task-job/s | task-job/raw |"
+    if use_rq:
+        header += " task-job/RQ | task-job/SimpleWorker |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for c in levels:
+        raw, ours = med[f"raw{c}"], med[f"tj{c}"]
+        row = f"| {c} | {n / raw:.0f} | {n / ours:.0f} | {raw / ours:.2f} |"
+        if use_rq:
+            row += f" {med['rq'] / ours:.1f} | {med['rq_simple'] / ours:.1f} |"
+        print(row)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()
