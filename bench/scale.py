@@ -1,11 +1,11 @@
 """Scale: (1) 200 and 1,000 concurrent `sleep 5` tasks on one executor (max_concurrency
 raised to match): the executor's peak RSS, the CPU seconds it spent from the push to the last
 done record, and its CPU while the tasks sleep; how each grows from 200 to 1,000. (2) Claim
-rate against queue length: 1,000, 10,000 and 100,000 queued tasks of `true`, time for the
+rate against queue length: 2,000, 20,000 and 100,000 queued tasks of `true`, time for the
 executor (max_concurrency 16) to finish the first 2,000: the rate must not fall as the queue
 grows. Medians over --runs.
 
-    python bench/scale.py [--runs 3] [--sizes 200,1000] [--queues 1000,10000,100000]
+    python bench/scale.py [--runs 3] [--sizes 200,1000] [--queues 2000,20000,100000]
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def concurrent(url: str, r: redis.Redis, cmd_dir: str, n: int) -> dict[str, floa
 
 
 def claim_rate(url: str, r: redis.Redis, cmd_dir: str, queued: int) -> float:
+    assert queued >= FIRST, f"queue lengths start at {FIRST}"
     r.flushall()
     for start in range(0, queued, 10000):
         pipe = r.pipeline(transaction=False)
@@ -99,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--sizes", default="200,1000")
-    parser.add_argument("--queues", default="1000,10000,100000")
+    parser.add_argument("--queues", default="2000,20000,100000")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x]
     queues = [int(x) for x in args.queues.split(",") if x]
