@@ -5,6 +5,7 @@ Knows the layout of DESIGN.md §2; knows nothing of processes or of where record
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ReadOnlyError, RedisError, TryAgainError
+from redis.exceptions import (
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job.config import Config, parse_sentinel
@@ -175,6 +182,52 @@ def _fast_packing(client: aioredis.Redis) -> aioredis.Redis:
     return client
 
 
+class Lane:
+    """One connection of a client's pool kept aside and driven directly: a batch of commands
+    is packed, sent in one write and its replies read in order, without redis-py's pipeline
+    machinery (pool checkout, per-command bookkeeping), which costs about twice the CPU per
+    round trip (bench: 70 against 130-160 microseconds for three commands). The connection is
+    the pool's own kind, so TLS, ACL users, Sentinel discovery and reconnects are redis-py's.
+
+    Replies that are errors come back as exception objects in their places; a connection
+    failure (or a cancellation mid-batch) drops the connection and raises, and the next batch
+    connects afresh. One batch at a time.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            conn = self._conn
+            try:
+                if not conn.is_connected:
+                    # connect() itself: a Sentinel-managed connection finds the master there
+                    # (send_packed_command's own connect would not).
+                    await conn.connect()
+                await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+                results: list[Any] = []
+                for _ in commands:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:  # this command's error reply
+                        results.append(exc)
+            except BaseException:
+                await conn.disconnect()  # replies may be left unread: start afresh
+                raise
+            if any(isinstance(r, TRANSIENT_ERRORS) for r in results):
+                await conn.disconnect()  # e.g. READONLY: reconnect (Sentinel finds the master)
+            return results
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.disconnect()
+
+
 class Broker:
     """Redis for one executor or client: the keys of its queue, a client, the scripts."""
 
@@ -191,6 +244,8 @@ class Broker:
             tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
         self.wait_replicas = config.replicas_to_wait
         self.scripts = Scripts()
+        self.claim_lane = Lane(self.redis)  # the claim loop's batches
+        self.sink_lane = Lane(self.redis)  # the sink's batches
 
     async def start(self) -> None:
         """Check Redis is there and new enough; load the scripts."""
@@ -205,6 +260,8 @@ class Broker:
                               "task-job needs 6.2 or newer (BLMOVE)")
 
     async def close(self) -> None:
+        await self.claim_lane.close()
+        await self.sink_lane.close()
         await self.redis.aclose()
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -212,34 +269,29 @@ class Broker:
 
     async def call_many(self, name: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
                         ) -> list[Any]:
-        """The same script for several (keys, args) in one pipelined round trip. Raises on
-        network and transient errors; the scripts must be safe to repeat."""
-        while True:
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args in calls:
-                self.scripts.queue(pipe, name, keys, args)
-            try:
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            finally:
-                await pipe.reset()
-            if any(isinstance(r, NoScriptError) for r in results):
+        """The same script for several (keys, args) in one round trip on the claim lane.
+        Raises on network and transient errors; the scripts must be safe to repeat."""
+        sha = self.scripts.sha[name]
+        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
+        for attempt in range(2):
+            results = await self.claim_lane.execute(commands)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
                 await self.scripts.load(self.redis)  # Redis restarted or SCRIPT FLUSH
                 continue
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-            return results
+            break
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     async def claim_now(self, source: str, processing: str, count: int) -> list[bytes]:
         """Up to `count` queued messages moved to `processing` in one round trip (LMOVE each,
         no blocking); fewer when the queue runs out."""
-        pipe = self.redis.pipeline(transaction=False)
-        for _ in range(count):
-            pipe.lmove(source, processing, "LEFT", "RIGHT")
-        try:
-            moved = await pipe.execute()
-        finally:
-            await pipe.reset()
+        moved = await self.claim_lane.execute(
+            [("LMOVE", source, processing, "LEFT", "RIGHT")] * count)
+        for result in moved:
+            if isinstance(result, Exception):
+                raise result
         return [raw for raw in moved if raw is not None]
 
     async def acknowledged(self) -> None:

@@ -299,10 +299,7 @@ class Executor:
                  for _, task, token in claims]
         while True:
             try:
-                if len(calls) == 1:
-                    results = [await self.broker.call("begin", *calls[0])]
-                else:
-                    results = await self.broker.call_many("begin", calls)
+                results = await self.broker.call_many("begin", calls)
                 await self.broker.acknowledged()  # the claims survive a failover
                 return results
             except NETWORK_ERRORS as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from task_job.broker import TRANSIENT_ERRORS, WAIT_TIMEOUT_MS, Broker
@@ -266,22 +267,19 @@ class RedisSink:
 
     async def _send(self, calls: list[Call]) -> list[Any]:
         """One pipelined round trip; raises on network errors; reloads scripts if needed."""
-        while True:
-            pipe = self.broker.redis.pipeline(transaction=False)
-            for kind, name, keys, args in calls:
-                if kind == "script":
-                    self.broker.scripts.queue(pipe, name, keys, args)
-                else:
-                    pipe.execute_command(*args)
-            if self.broker.wait_replicas:  # replicated before it counts as delivered
-                pipe.execute_command("WAIT", self.broker.wait_replicas, WAIT_TIMEOUT_MS)
-            try:
-                results: list[Any] = await pipe.execute(raise_on_error=False)
-            finally:
-                await pipe.reset()
+        sha = self.broker.scripts.sha
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", sha[name], len(keys), *keys, *args) if kind == "script" else tuple(args)
+            for kind, name, keys, args in calls]
+        if self.broker.wait_replicas:  # replicated before it counts as delivered
+            commands.append(("WAIT", self.broker.wait_replicas, WAIT_TIMEOUT_MS))
+        for attempt in range(2):
+            results = await self.broker.sink_lane.execute(commands)
             if self.broker.wait_replicas:
                 results = results[:-1]
             if any(isinstance(r, NoScriptError) for r in results):
+                if attempt:  # loaded, and still missing: a server swap mid-way; retry later
+                    raise RedisConnectionError("scripts missing right after loading them")
                 await self.broker.scripts.load(self.broker.redis)  # Redis restarted: reload
                 continue  # every op is idempotent: sending the batch again is safe
             passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
@@ -293,6 +291,7 @@ class RedisSink:
                 if isinstance(result, Exception):
                     log.error("redis refused a record operation", extra={"error": str(result)})
             return results
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     async def _deliver(self, batch: list[_Op]) -> None:
         """Send one batch, retrying while Redis is away; when the buffer fills meanwhile, or
