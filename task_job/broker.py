@@ -284,6 +284,14 @@ class Broker:
                 raise result
         return results
 
+    async def claim_wait(self, source: str, processing: str, timeout: float) -> bytes | None:
+        """One message moved to `processing`, waiting up to `timeout` seconds (BLMOVE)."""
+        (moved,) = await self.claim_lane.execute(
+            [("BLMOVE", source, processing, "LEFT", "RIGHT", timeout)])
+        if isinstance(moved, Exception):
+            raise moved
+        return moved  # type: ignore[no-any-return]
+
     async def claim_now(self, source: str, processing: str, count: int) -> list[bytes]:
         """Up to `count` queued messages moved to `processing` in one round trip (LMOVE each,
         no blocking); fewer when the queue runs out."""

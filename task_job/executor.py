@@ -218,7 +218,6 @@ class Executor:
     # -- claiming --------------------------------------------------------------------------
 
     async def _claim_loop(self, tg: asyncio.TaskGroup) -> None:
-        redis = self.broker.redis
         processing = self.keys.processing(self.id)
         attempt = 0
         busy = False  # the last round claimed something: the queue may hold more
@@ -233,8 +232,7 @@ class Executor:
                 raws = await self.broker.claim_now(self.keys.queue, processing, free) \
                     if busy and free > 1 else []
                 if not raws:
-                    raw = await redis.blmove(self.keys.queue, processing, CLAIM_BLOCK,
-                                             "LEFT", "RIGHT")
+                    raw = await self.broker.claim_wait(self.keys.queue, processing, CLAIM_BLOCK)
                     raws = [raw] if raw is not None else []
                 busy = bool(raws)
                 if raws and self._stopping.is_set():

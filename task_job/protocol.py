@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import math
+import re
 import shlex
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -144,6 +145,19 @@ def _string(value: Any, key: str, task_id: str) -> str:
     return value
 
 
+# Without quotes, backslashes or whitespace beyond space, tab, CR and LF (the only whitespace
+# shlex knows), shlex.split(posix=True) is str.split(): the common case skips shlex's
+# character-by-character lexer.
+_NEEDS_SHLEX = re.compile(r"[\"'\\\x0b\x0c\x1c-\x1f\x85]|[^\x00-\x7f]")
+
+
+def split_cmdline(cmdline: str) -> list[str]:
+    """task.cmdline split into words, as a POSIX shell would (quotes, escapes), with no shell."""
+    if _NEEDS_SHLEX.search(cmdline) is None:
+        return cmdline.split()
+    return shlex.split(cmdline, comments=False, posix=True)
+
+
 def parse_task(raw: bytes | str, max_bytes: int | None = None) -> Task:
     """Parse and validate a task message, or raise `ProtocolError` saying why."""
     obj = _decode_object(raw, max_bytes)
@@ -158,7 +172,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None) -> Task:
         raise ProtocolError("missing 'task.cmdline'", task_id)
     cmdline = _string(spec["cmdline"], "task.cmdline", task_id)
     try:
-        words = shlex.split(cmdline, comments=False, posix=True)
+        words = split_cmdline(cmdline)
     except ValueError as exc:
         raise ProtocolError(f"'task.cmdline' cannot be split: {exc}", task_id) from exc
     if not words:

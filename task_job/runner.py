@@ -88,10 +88,17 @@ def _resolve_in(word: str, workdir: str, root: str, what: str) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _which(word: str, path_env: str | None) -> str | None:
-    """Where PATH finds a bare command word. Only decides whether the word may be an
-    interpreter; the real path of the result is checked on every call."""
-    return shutil.which(word, path=path_env)
+def _bare_interpreter(word: str, interpreters: tuple[str, ...], path_env: str | None
+                      ) -> tuple[str, str] | None:
+    """(real path, family) when PATH finds a bare word to be a configured interpreter.
+    Looked up once per word, like the interpreters themselves: what PATH held at the first
+    use stands until the executor restarts (the checked path is the path that runs)."""
+    located = shutil.which(word, path=path_env)
+    if not located:
+        return None
+    interp = os.path.realpath(located)
+    family = _interpreters(interpreters, path_env).get(interp)
+    return (interp, family) if family else None
 
 
 @functools.lru_cache(maxsize=8)
@@ -123,11 +130,16 @@ def confine(
         found = shutil.which(word, path=path_env) or os.path.join(workdir, word)
         return [found, *argv[1:]], workdir
 
-    known = _interpreters(tuple(interpreters), path_env)
-    located = word if "/" in word else _which(word, path_env)
-    interp = os.path.realpath(located) if located and ("/" not in word or os.path.isabs(word)) else None
-    if interp is not None and interp in known and not _inside(interp, root):
-        return _confine_interpreter(argv, interp, known[interp], workdir, root), workdir
+    if "/" not in word:
+        as_interp = _bare_interpreter(word, tuple(interpreters), path_env)
+    elif os.path.isabs(word):
+        interp = os.path.realpath(word)
+        family = _interpreters(tuple(interpreters), path_env).get(interp)
+        as_interp = (interp, family) if family else None
+    else:
+        as_interp = None
+    if as_interp is not None and not _inside(as_interp[0], root):
+        return _confine_interpreter(argv, as_interp[0], as_interp[1], workdir, root), workdir
 
     path = _resolve_in(word, workdir, root, "command")
     if not os.access(path, os.X_OK):

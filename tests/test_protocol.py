@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shlex
 
 import orjson
 import pytest
@@ -23,6 +24,7 @@ from task_job.protocol import (
     parse_record,
     parse_task,
     peek_id,
+    split_cmdline,
 )
 
 ORIGINAL = (b'{"id":"101","type":"test","task":{"cmdline":"install.sh",'
@@ -161,3 +163,18 @@ def test_parser_never_crashes_on_arbitrary_json(value: object) -> None:
         assert exc.reason
     else:
         assert task.id and task.argv and all(isinstance(a, str) for a in task.argv)
+
+
+SHELLISH = " \t\r\n\x0b\x0c\x1c\x1f\x85\xa0\u2003\x00ab1-=#;|&*$'\"\\"
+
+
+@given(st.text(alphabet=SHELLISH, max_size=24))
+@settings(max_examples=2000)
+def test_cmdline_split_matches_shlex_including_the_fast_path(cmdline: str) -> None:
+    try:
+        want = shlex.split(cmdline, comments=False, posix=True)
+    except ValueError:
+        with pytest.raises(ValueError):
+            split_cmdline(cmdline)
+        return
+    assert split_cmdline(cmdline) == want
