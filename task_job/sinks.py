@@ -370,6 +370,8 @@ class RedisSink:
         except NETWORK_ERRORS as exc:
             self._note_down(exc)
             if self._closing:
+                if self._ops:  # queued while that attempt was under way (done records too)
+                    await self._spill([], [])
                 return False
             self._spool_attempt += 1
             await self._pause(self._spool_attempt)

@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import redis
 
-from task_job.broker import Keys
+from task_job.broker import Broker, Keys
 from task_job.client import Client
 from task_job.config import Config
 from task_job.embedded import RedisServer
+from task_job.protocol import MsgType, Outcome, RecordHead, Status
+from task_job.sinks import RedisSink
 
 from .conftest import ExecutorProcess, done_of, records_of, wait_done, wait_until, write_config
 
@@ -143,4 +145,42 @@ async def test_executors_cut_off_together_do_not_declare_each_other_dead(
             await client.kill(i)
         for i in ids:
             assert (await wait_done(r, configs[0], i)).fields["status"] == "killed"
+    r.close()
+
+
+async def test_a_done_record_queued_while_the_closing_sink_retries_the_spool_is_not_lost(
+        own_redis: RedisServer, outage_config: Callable[..., Config], tmp_path: Path) -> None:
+    """Closing during an outage, the sink tries its spool once more; what is queued during that
+    attempt (here a done record) must reach the spool too. It used to be dropped."""
+    config = outage_config(buffer_bytes=4096)
+    broker = Broker(config)
+    await broker.start()
+    spool_dir = tmp_path / "spool"
+    sink = RedisSink(broker, "e1", config.buffer_bytes, _spool_dir=spool_dir)
+    running = asyncio.ensure_future(sink.run())
+    stream = sink.open_stream(RecordHead("t1", None, None, "e1"))
+    own_redis.stop()
+    for _ in range(20):
+        await sink.put_output(stream, MsgType.STDOUT, b"x" * 1000 + b"\n")
+    await wait_until(lambda: sink.spooling, 10, what="records spooled")
+
+    send = broker.sink_lane.execute
+
+    async def finish_during_the_attempt(commands: Any) -> Any:
+        if not sink._closing:  # the done record arrives while the attempt is under way
+            sink.finish(stream, Outcome(Status.REJECTED, "rejected: test"), raw=b"{}", mode="new")
+            sink.close()
+        return await send(commands)
+
+    broker.sink_lane.execute = finish_during_the_attempt  # type: ignore[method-assign]
+    await asyncio.wait_for(running, 10)
+    await broker.close()
+
+    own_redis.start()
+    replayer = Broker(config)
+    await replayer.start()
+    await RedisSink(replayer, "e2", config.buffer_bytes, _spool_dir=spool_dir).replay_spools()
+    await replayer.close()
+    r = redis.Redis.from_url(own_redis.url)
+    assert [rec.fields["status"] for rec in done_of(r, config, "t1")] == ["rejected"]
     r.close()
