@@ -6,6 +6,7 @@ Wires broker, runner and sink together; holds no Redis key names and spawns noth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -82,6 +83,10 @@ class Executor:
     """One executor of the fleet; `run()` until `stop()` (or SIGTERM via the CLI)."""
 
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
+        # Absolute paths: the runner steps into a task's directory for each spawn (spawn()).
+        config = dataclasses.replace(
+            config, state_dir=os.path.abspath(config.state_dir),
+            log_dir=os.path.abspath(config.log_dir) if config.log_dir else "")
         self.config = config
         self.id = config.executor_id
         self.broker = broker or Broker(config)
@@ -355,7 +360,7 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
-        env = None if not task.env else {**self._env, **task.env}  # None: ours, unconverted
+        env = self._env if not task.env else {**self._env, **task.env}
         argv, workdir = confine(task.argv, cmd_dir=cfg.cmd_dir, cwd=task.cwd,
                                 interpreters=cfg.interpreters, mode=cfg.confine,
                                 path_env=self._env.get("PATH"))

@@ -459,20 +459,47 @@ class Child:
         return self.returncode
 
 
+_home = -1  # the executor's own working directory, to come back to after a spawn
+_devnull = -1
+_SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored by the interpreter: default for tasks
+_POSIX_SPAWN = hasattr(os, "posix_spawn") and hasattr(os, "POSIX_SPAWN_DUP2")
+
+
 def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
           stdin: int, stdout: int, stderr: int) -> Child:
-    """Start argv in its own session (setsid: its own process group), in cwd, with these fds
-    as 0, 1 and 2. Raises OSError when the exec fails.
+    """Start argv (argv[0] an absolute path) in its own session (its own process group), in
+    cwd, with these fds as 0, 1 and 2. Raises OSError when the exec fails.
 
-    subprocess.Popen without a preexec_fn, so CPython spawns by vfork; only the pid is kept:
-    no asyncio child watcher (a thread per process on 3.11), the exit is seen via a pidfd.
-    env None passes the executor's own environment without converting it.
+    os.posix_spawn (glibc: a vfork-style clone), for a fraction of subprocess.Popen's own
+    cost. posix_spawn has no working-directory action Python can reach, so the executor
+    steps into cwd for the call and back out: the GIL is held throughout the spawn, and
+    the executor's other threads use absolute paths only. Every fd the executor opens is
+    close-on-exec (PEP 446), so the task inherits only 0, 1 and 2. Signals the interpreter
+    ignores are reset to their defaults and none is blocked, as Popen does.
     """
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
-                            stdin=stdin, stdout=stdout, stderr=stderr)
-    child = Child(proc.pid)
-    proc.returncode = 0  # the Child reaps it: keep Popen's __del__ from tracking it
-    return child
+    global _home, _devnull
+    if _home < 0:
+        _home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    if stdin == subprocess.DEVNULL:
+        if _devnull < 0:
+            _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        stdin = _devnull
+    if min(stdin, stdout, stderr) <= 2 or not _POSIX_SPAWN:
+        # A closed 0-2 reused by our pipes, or no posix_spawn with setsid: Popen sorts it out.
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
+                                stdin=stdin, stdout=stdout, stderr=stderr)
+        proc.returncode = 0  # the Child reaps it: keep Popen's __del__ from tracking it
+        return Child(proc.pid)
+    os.chdir(cwd)
+    try:
+        pid = os.posix_spawn(
+            argv[0], argv, os.environ if env is None else env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
+                          (os.POSIX_SPAWN_DUP2, stderr, 2)],
+            setsid=True, setsigdef=_SIGDEF, setsigmask=())
+    finally:
+        os.fchdir(_home)
+    return Child(pid)
 
 
 def _exit_future(proc: Child) -> tuple[asyncio.Future[None], Callable[[], None]]:
