@@ -380,9 +380,10 @@ class Executor:
         tr.run = run
         if tr.kill_reason is not None:
             run.kill(tr.kill_reason)
-        self.sink.note("HSET", tr.stream.state_key, "pid", run.pid, "started_at",
-                       f"{run.started_at:.6f}")
-        log.info("task started", extra={"task_id": task.id, "pid": run.pid})
+        pid = run.pid
+        assert pid is not None
+        self.sink.note_started(tr.stream, pid, run.started_at)
+        log.info("task started", extra={"task_id": task.id, "pid": pid})
         result = await run.wait()
         outcome = outcome_of(result, task.timeout)
         if output.dropped:

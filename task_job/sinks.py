@@ -46,6 +46,9 @@ class TaskStream:
     log_key: str
     next_seq: int = 0
     done: bytes | None = None  # the done record, once built
+    started: _Command | None = None  # the queued note of its pid and start time
+    pid: int | None = None
+    started_at: str = ""
 
 
 @dataclass(slots=True)
@@ -69,6 +72,8 @@ class _Script:
 class _Command:
     args: list[Any]
     size: int
+    taken: bool = False  # in a batch (sent, or on its way to the spool)
+    dropped: bool = False  # folded into a later op: not to be sent
 
 
 _Op = _Records | _Script | _Command
@@ -136,8 +141,19 @@ class RedisSink:
         self._add(size)
 
     def note(self, *command: Any) -> None:
-        """Queue a plain Redis command (e.g. the state record's pid) in order with records."""
+        """Queue a plain Redis command in order with records."""
         self._ops.append(_Command(list(command), OP_OVERHEAD))
+        self._add(OP_OVERHEAD)
+
+    def note_started(self, stream: TaskStream, pid: int, started_at: float) -> None:
+        """Queue the state record's pid and start time. A task that ends before this is sent
+        (most short ones) has them written by its done record's script instead: one command
+        less per task."""
+        stream.pid, stream.started_at = pid, f"{started_at:.6f}"
+        op = _Command(["HSET", stream.state_key, "pid", pid, "started_at", stream.started_at],
+                      OP_OVERHEAD)
+        stream.started = op
+        self._ops.append(op)
         self._add(OP_OVERHEAD)
 
     def finish(self, stream: TaskStream, outcome: Outcome, *, raw: bytes, mode: str = "own",
@@ -157,6 +173,10 @@ class RedisSink:
         args = [mode, self.executor, seq, record, raw, dead, outcome.status.value, exit_code,
                 f"{outcome.finished_at or now:.6f}", cfg.task_ttl, cfg.task_log_ttl,
                 cfg.task_log_max_records]
+        started = stream.started
+        if started is not None and not started.taken:
+            started.dropped = True  # still queued: the done record's script writes them
+            args += [stream.pid, stream.started_at]
         script_keys = [keys.logs, stream.log_key, stream.state_key,
                        keys.processing(self.executor), keys.dead]
         return self._script("finish", script_keys, args, len(record) + len(raw) + len(dead))
@@ -249,7 +269,9 @@ class RedisSink:
                 break
             taken += op.size
             count += 1
-        batch = self._ops[:count]
+            if isinstance(op, _Command):
+                op.taken = True
+        batch = [op for op in self._ops[:count] if not (isinstance(op, _Command) and op.dropped)]
         del self._ops[:count]
         return batch, taken
 
@@ -339,7 +361,11 @@ class RedisSink:
         queued = self._ops
         self._ops = []
         spool = self._open_spool()
-        all_calls = calls + [self._call(op) for op in queued]
+        for op in queued:
+            if isinstance(op, _Command):
+                op.taken = True
+        all_calls = calls + [self._call(op) for op in queued
+                             if not (isinstance(op, _Command) and op.dropped)]
         await asyncio.to_thread(spool.append, all_calls)
         if not self._spool_active:
             log.warning("redis unreachable and the buffer is full: spooling records to disk",

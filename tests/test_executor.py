@@ -54,6 +54,21 @@ async def test_original_example_message_runs_and_streams_records(
     assert sync_redis.llen(keys.processing(config.executor_id)) == 0
     state = sync_redis.hgetall(keys.task("101"))
     assert state[b"status"] == b"succeeded" and sync_redis.ttl(keys.task("101")) > 0
+    assert int(state[b"pid"]) > 0 and float(state[b"started_at"]) == pytest.approx(
+        done.fields["started_at"], abs=1e-5)
+
+
+async def test_every_state_record_keeps_its_pid_and_start_time_whether_sent_alone_or_folded(
+        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+    # A burst of short tasks: most start notes are folded into their done record's script.
+    ids = [await client.submit("install.sh", [str(i)]) for i in range(30)]
+    dones = [await wait_done(sync_redis, config, i) for i in ids]
+    keys = Keys.for_config(config)
+    for task_id, done in zip(ids, dones, strict=True):
+        state = sync_redis.hgetall(keys.task(task_id))
+        assert state[b"status"] == b"succeeded", state
+        assert int(state[b"pid"]) > 0
+        assert float(state[b"started_at"]) == pytest.approx(done.fields["started_at"], abs=1e-5)
 
 
 async def test_failed_task_reports_exit_status(

@@ -12,6 +12,7 @@
 -- ARGV[6]  dead-letter entry ('' = none), pushed only if the raw message was still claimed
 -- ARGV[7]  status            ARGV[8]  exit code ('' = null)     ARGV[9]  finished_at
 -- ARGV[10] state TTL         ARGV[11] stream TTL                ARGV[12] stream MAXLEN
+-- ARGV[13] pid, ARGV[14] started_at: optional, for a task whose start note was never sent
 -- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
 local removed = 1
@@ -34,5 +35,6 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[11])
 redis.call('HSET', KEYS[3], 'status', ARGV[7], 'executor', ARGV[2], 'seq', ARGV[3],
   'exit_code', ARGV[8], 'finished_at', ARGV[9])
+if ARGV[13] then redis.call('HSET', KEYS[3], 'pid', ARGV[13], 'started_at', ARGV[14]) end
 redis.call('EXPIRE', KEYS[3], ARGV[10])
 return 1
