@@ -472,8 +472,8 @@ def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
 
     os.posix_spawn (glibc: a vfork-style clone), for a fraction of subprocess.Popen's own
     cost. posix_spawn has no working-directory action Python can reach, so the executor
-    steps into cwd for the call and back out: the GIL is held throughout the spawn, and
-    the executor's other threads use absolute paths only. Every fd the executor opens is
+    steps into cwd for the call and back out: the event loop runs nothing in between (and
+    posix_spawn keeps the GIL), and the executor's other threads use absolute paths only. Every fd the executor opens is
     close-on-exec (PEP 446), so the task inherits only 0, 1 and 2. Signals the interpreter
     ignores are reset to their defaults and none is blocked, as Popen does.
     """
