@@ -170,3 +170,23 @@ def find_redis() -> str:
     from task_job.embedded import find_redis_server
 
     return str(find_redis_server())
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def guard_of(pid: int) -> int | None:
+    """The executor's guard process: its child whose command line carries the guard's code."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == pid and b"killpg" in (entry / "cmdline").read_bytes():
+                    return int(entry.name)
+            except (OSError, IndexError, ValueError):
+                continue
+    return None

@@ -14,28 +14,8 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
-from _harness import cpu_seconds, executor, have_rq, machine, redis_server, rq_worker
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def guard_of(pid: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == pid and b"killpg" in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except (OSError, IndexError, ValueError):
-                continue
-    return None
+from _harness import cpu_seconds, executor, guard_of, have_rq, machine, redis_server, rq_worker, rss_mb
 
 
 def main() -> None:

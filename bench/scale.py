@@ -18,32 +18,12 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import redis
-from _harness import cpu_seconds, executor, machine, peak_rss_mb, redis_server
+from _harness import cpu_seconds, executor, guard_of, machine, peak_rss_mb, redis_server, rss_mb
 
 SLEEP = 5.0
 FIRST = 2000
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def guard_of(pid: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                if ppid == pid and b"killpg" in (entry / "cmdline").read_bytes():
-                    return int(entry.name)
-            except (OSError, IndexError, ValueError):
-                continue
-    return None
 
 
 def concurrent(url: str, r: redis.Redis, cmd_dir: str, n: int) -> dict[str, float]:
