@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +18,7 @@ from task_job.broker import Keys
 from task_job.client import Client
 from task_job.config import Config
 from task_job.protocol import build_task
+from task_job.runner import Guard
 
 from .conftest import (
     ExecutorHandle,
@@ -356,3 +359,24 @@ async def test_stop_drains_running_tasks_then_kills_the_rest(
     killed = done_of(sync_redis, config, long)[0]
     assert killed.fields["status"] == "killed" and "drain_timeout" in killed.data
     assert sync_redis.llen(Keys.for_config(config).processing(config.executor_id)) == 0
+
+
+async def test_guard_kills_the_groups_it_lists_when_its_pipe_closes_and_spares_released_ones(
+        ) -> None:
+    # One slot for four groups: the shared table grows; one group is released before the end.
+    guard = Guard(1)
+    guard.start()
+    children = [subprocess.Popen(["sleep", "100"], start_new_session=True) for _ in range(4)]
+    try:
+        for child in children:
+            guard.watch(child.pid)
+        guard.release(children[0].pid)
+        guard.close()  # as if the executor died: the guard reads EOF
+        for child in children[1:]:
+            assert child.wait(5) == -signal.SIGKILL
+        assert children[0].poll() is None  # released: not the guard's to kill
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
