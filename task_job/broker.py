@@ -13,7 +13,6 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -100,10 +99,6 @@ class Scripts:
     async def load(self, client: aioredis.Redis) -> None:
         for name in SCRIPT_NAMES:
             await client.script_load(self.source[name])
-
-    def queue(self, pipe: Pipeline, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        """Add a script call to a pipeline (the scripts must be loaded: see `call`)."""
-        pipe.evalsha(self.sha[name], len(keys), *keys, *args)
 
     async def call(self, client: aioredis.Redis, name: str, keys: Sequence[str],
                    args: Sequence[Any]) -> Any:
@@ -272,16 +267,23 @@ class Broker:
         """The same script for several (keys, args) in one round trip on the claim lane.
         Raises on network and transient errors; the scripts must be safe to repeat."""
         sha = self.scripts.sha[name]
-        commands = [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
-        for attempt in range(2):
-            results = await self.claim_lane.execute(commands)
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self.scripts.load(self.redis)  # Redis restarted or SCRIPT FLUSH
-                continue
-            break
+        results = await self.send(self.claim_lane,
+                                  [("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls])
         for result in results:
             if isinstance(result, Exception):
                 raise result
+        return results
+
+    async def send(self, lane: Lane, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """A batch on a lane; when scripts are missing (Redis restarted, SCRIPT FLUSH) they
+        are loaded and the batch sent again, once: every op we send is safe to repeat. Still
+        missing after that (a server swapped mid-way) raises a connection error: retry later."""
+        results = await lane.execute(commands)
+        if any(isinstance(r, NoScriptError) for r in results):
+            await self.scripts.load(self.redis)
+            results = await lane.execute(commands)
+            if any(isinstance(r, NoScriptError) for r in results):
+                raise RedisConnectionError("scripts missing right after loading them")
         return results
 
     async def claim_wait(self, source: str, processing: str, timeout: float) -> bytes | None:

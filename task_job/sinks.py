@@ -15,9 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
-
 from task_job.broker import TRANSIENT_ERRORS, WAIT_TIMEOUT_MS, Broker
 from task_job.protocol import (
     MsgType,
@@ -139,11 +136,6 @@ class RedisSink:
         else:
             self._ops.append(_Records(stream, seq, [payload], size))
         self._add(size)
-
-    def note(self, *command: Any) -> None:
-        """Queue a plain Redis command in order with records."""
-        self._ops.append(_Command(list(command), OP_OVERHEAD))
-        self._add(OP_OVERHEAD)
 
     def note_started(self, stream: TaskStream, pid: int, started_at: float) -> None:
         """Queue the state record's pid and start time. A task that ends before this is sent
@@ -295,25 +287,18 @@ class RedisSink:
             for kind, name, keys, args in calls]
         if self.broker.wait_replicas:  # replicated before it counts as delivered
             commands.append(("WAIT", self.broker.wait_replicas, WAIT_TIMEOUT_MS))
-        for attempt in range(2):
-            results = await self.broker.sink_lane.execute(commands)
-            if self.broker.wait_replicas:
-                results = results[:-1]
-            if any(isinstance(r, NoScriptError) for r in results):
-                if attempt:  # loaded, and still missing: a server swap mid-way; retry later
-                    raise RedisConnectionError("scripts missing right after loading them")
-                await self.broker.scripts.load(self.broker.redis)  # Redis restarted: reload
-                continue  # every op is idempotent: sending the batch again is safe
-            passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
-            if passing is not None:
-                # e.g. LOADING after a restart: not delivered, whatever else the batch did.
-                raise passing
-            self._note_up()
-            for result in results:
-                if isinstance(result, Exception):
-                    log.error("redis refused a record operation", extra={"error": str(result)})
-            return results
-        raise AssertionError("unreachable: the second attempt returns or raises")
+        results = await self.broker.send(self.broker.sink_lane, commands)
+        if self.broker.wait_replicas:
+            results = results[:-1]
+        passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
+        if passing is not None:
+            # e.g. READONLY during a failover: not delivered, whatever else the batch did.
+            raise passing
+        self._note_up()
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("redis refused a record operation", extra={"error": str(result)})
+        return results
 
     async def _deliver(self, batch: list[_Op]) -> None:
         """Send one batch, retrying while Redis is away; when the buffer fills meanwhile, or
