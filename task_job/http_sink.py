@@ -235,6 +235,8 @@ class HttpSink:
         except ConnectionError as exc:
             self._note_down(exc)
             if self._closing:
+                if self._records:  # added while that attempt was under way (done records too)
+                    await self._spill([])
                 return False
             await self._pause(3)
             return True

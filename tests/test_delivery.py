@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from task_job.client import Client
 from task_job.config import Config
 from task_job.embedded import free_port
 from task_job.files import prune
+from task_job.http_sink import HttpSink
 
 from .conftest import ExecutorProcess, records_of, wait_done, wait_until, write_config
 
@@ -244,3 +246,43 @@ async def test_max_output_action_kill_stops_a_task_that_prints_too_much(
     assert done.fields["status"] == "killed" and "max_output of 10000 bytes exceeded" in done.data
     kept = b"".join(r.payload for r in records_of(sync_redis, config, task_id) if r.msg_type == "stdout")
     assert len(kept) == 10_000
+
+
+async def test_a_record_added_while_the_closing_http_sink_retries_its_spool_is_not_lost(
+        receiver: Receiver, tmp_path: Path) -> None:
+    """Closing while the receiver is down, the sink tries its spool once more; a record added
+    during that attempt (here a done record) must reach the spool too, and the next start's
+    replay must deliver it. It used to be dropped."""
+    def make() -> HttpSink:
+        return HttpSink(receiver.url, executor="e1", buffer_bytes=2048, batch_bytes=1024,
+                        linger=0, timeout=2, headers={}, state_dir=tmp_path)
+
+    def record(seq: int, msg_type: str = "stdout") -> bytes:
+        return orjson.dumps({"id": "t1", "msg_type": msg_type, "seq": seq, "data": "x" * 200})
+
+    sink = make()  # the receiver is not started: every POST fails
+    running = asyncio.ensure_future(sink.run())
+    for seq in range(20):  # as the Redis sink feeds it: waiting for room when it has none
+        while not sink.has_room(len(record(seq))):
+            await asyncio.wait_for(sink.wait_room(), 10)
+        sink.add(record(seq))
+    await wait_until(lambda: sink.spooling, 10, what="records spooled")
+
+    post = sink._post
+
+    async def done_during_the_attempt(batch: list[bytes]) -> None:
+        if not sink._closing:
+            sink.add(record(20, "done"))
+            sink.close()
+        await post(batch)
+
+    sink._post = done_during_the_attempt  # type: ignore[method-assign]
+    await asyncio.wait_for(running, 10)
+
+    await receiver.start()
+    replayer = make()
+    replaying = asyncio.ensure_future(replayer.run())
+    await wait_until(lambda: receiver.done("t1"), 10, what="the done record replayed")
+    replayer.close()
+    await asyncio.wait_for(replaying, 10)
+    assert_complete(receiver.records("t1"))
