@@ -52,8 +52,9 @@ def executor(redis_url: str, cmd_dir: str, **config: object) -> Iterator[subproc
                "executor_id": f"bench-{os.getpid()}", "log_level": "warning", **config}
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(cfg))
+        log = open(Path(tmp) / "log", "wb")  # noqa: SIM115 - closed with the executor
         proc = subprocess.Popen([sys.executable, "-m", "task_job.cli", "run", "--config", str(path)],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "log", "wb"))
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
         try:
             with redis.Redis.from_url(redis_url) as r:
                 key = f"{{{cfg.get('queue_name', 'queue_job_task')}}}:executors"
@@ -64,20 +65,23 @@ def executor(redis_url: str, cmd_dir: str, **config: object) -> Iterator[subproc
                     time.sleep(0.01)
             yield proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, 60)
+            log.close()
+
+
+def _status_mb(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return _status_mb(pid, "VmHWM:")
+
+
+def rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS:")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -139,13 +143,18 @@ def rq_worker(redis_url: str, queue: str, worker_class: str | None = None
                 time.sleep(0.01)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, 30)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM by pid, SIGKILL if it outlives `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def have_rq() -> bool:
@@ -170,13 +179,6 @@ def find_redis() -> str:
     from task_job.embedded import find_redis_server
 
     return str(find_redis_server())
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def guard_of(pid: int) -> int | None:

@@ -308,12 +308,7 @@ class Run:
                 except BlockingIOError:
                     # Watch the fd only while waiting: it stays readable while we are slowed
                     # by back-pressure, and a level-triggered watch would spin.
-                    ready: asyncio.Future[None] = loop.create_future()
-                    loop.add_reader(fd, _resolve, ready)
-                    try:
-                        await ready
-                    finally:
-                        loop.remove_reader(fd)
+                    await _fd_ready(loop.add_reader, loop.remove_reader, fd)
                     continue
                 if not chunk:
                     break
@@ -350,12 +345,7 @@ class Run:
                 try:
                     data = data[os.write(fd, data):]
                 except BlockingIOError:
-                    ready: asyncio.Future[None] = loop.create_future()
-                    loop.add_writer(fd, _resolve, ready)
-                    try:
-                        await ready
-                    finally:
-                        loop.remove_writer(fd)
+                    await _fd_ready(loop.add_writer, loop.remove_writer, fd)
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
@@ -543,6 +533,17 @@ async def _reap(proc: Child) -> None:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+async def _fd_ready(watch: Callable[..., None], unwatch: Callable[[int], Any], fd: int) -> None:
+    """Wait until fd is readable (add_reader) or writable (add_writer), watching it only
+    for as long as we wait."""
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    watch(fd, _resolve, ready)
+    try:
+        await ready
+    finally:
+        unwatch(fd)
 
 
 def _grow_pipe(fd: int) -> None:
