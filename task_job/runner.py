@@ -608,10 +608,6 @@ class Guard:
         self._watch_fd = -1
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     def start(self) -> None:
         if self._table is None:
             self._table_fd = os.memfd_create("task-job-guard", os.MFD_CLOEXEC)
