@@ -245,6 +245,11 @@ class Run:
         self._ending = Ending.EXITED
         self._kill_signal: str | None = None
         self._fds: tuple[int, int] = (-1, -1)
+        # Pipes being read: fd -> None while a callback watches it, its pump once it carries
+        # output. _pipes_done resolves when the last one ends.
+        self._pipes: dict[int, asyncio.Future[None] | None] = {}
+        self._pipes_done: asyncio.Future[None] = self._kill_requested.get_loop().create_future()
+        self._pipe_error: BaseException | None = None
 
     @property
     def pid(self) -> int | None:
@@ -287,31 +292,72 @@ class Run:
             self._ending = Ending.KILLED
             self._kill_requested.set_result(None)
 
-    async def _pump(self, fd: int, kind: MsgType) -> None:
-        """Read the pipe until EOF; hand on whole lines in pieces of at most record_max_bytes,
-        splitting only a line longer than that. Closes fd."""
+    def _watch_pipes(self) -> None:
+        """Watch both pipes with a plain callback: a pipe that ends without output (most
+        short tasks) costs no coroutine; one that carries output gets a pump task."""
+        loop = asyncio.get_running_loop()
+        for fd, kind in zip(self._fds, (MsgType.STDOUT, MsgType.STDERR), strict=True):
+            self._pipes[fd] = None
+            loop.add_reader(fd, self._readable, fd, kind)
+        self._fds = (-1, -1)
+
+    def _readable(self, fd: int, kind: MsgType) -> None:
+        try:
+            chunk = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # cannot happen on a pipe we own; end it, report it
+            self._pipe_error = exc
+            chunk = b""
+        asyncio.get_running_loop().remove_reader(fd)
+        if not chunk:
+            os.close(fd)
+            self._pipe_ended(fd)
+            return
+        pump = asyncio.ensure_future(self._pump(fd, kind, chunk))
+        self._pipes[fd] = pump
+        pump.add_done_callback(functools.partial(self._pump_done, fd))
+
+    def _pump_done(self, fd: int, pump: asyncio.Future[None]) -> None:
+        if not pump.cancelled() and pump.exception() is not None:
+            self._pipe_error = pump.exception()
+        self._pipe_ended(fd)
+
+    def _pipe_ended(self, fd: int) -> None:
+        self._pipes.pop(fd, None)
+        if not self._pipes and not self._pipes_done.done():
+            self._pipes_done.set_result(None)
+
+    def _stop_pipes(self) -> list[asyncio.Future[None]]:
+        """Stop reading what is still open (closing the fds); returns the pumps cancelled."""
+        cancelled = []
+        loop = asyncio.get_running_loop()
+        for fd, pump in list(self._pipes.items()):
+            if pump is None:
+                loop.remove_reader(fd)
+                os.close(fd)
+                self._pipe_ended(fd)
+            elif not pump.done():
+                pump.cancel()  # its own finally closes the fd
+                cancelled.append(pump)
+        return cancelled
+
+    async def _pump(self, fd: int, kind: MsgType, chunk: bytes) -> None:
+        """Hand on `chunk` and what follows it until EOF: whole lines in pieces of at most
+        record_max_bytes, splitting only a line longer than that. Closes fd."""
         loop = asyncio.get_running_loop()
         pending = b""
         cap = self.record_max_bytes
         emit = self.on_output
         grown = False
         try:
-            while True:
-                try:
-                    chunk = os.read(fd, READ_CHUNK)
-                    if not grown and len(chunk) == READ_CHUNK:
-                        # A fast writer filled the pipe: 1 MiB deep where the kernel allows,
-                        # it is drained in a tight loop instead of one event-loop round per
-                        # 64 KiB. Only then: a quiet task keeps the default (and its memory).
-                        grown = True
-                        _grow_pipe(fd)
-                except BlockingIOError:
-                    # Watch the fd only while waiting: it stays readable while we are slowed
-                    # by back-pressure, and a level-triggered watch would spin.
-                    await _fd_ready(loop.add_reader, loop.remove_reader, fd)
-                    continue
-                if not chunk:
-                    break
+            while chunk:
+                if not grown and len(chunk) == READ_CHUNK:
+                    # A fast writer filled the pipe: 1 MiB deep where the kernel allows,
+                    # it is drained in a tight loop instead of one event-loop round per
+                    # 64 KiB. Only then: a quiet task keeps the default (and its memory).
+                    grown = True
+                    _grow_pipe(fd)
                 data = pending + chunk if pending else chunk
                 start = 0
                 whole = data.rfind(b"\n") + 1  # end of the last complete line (0: none)
@@ -329,6 +375,14 @@ class Run:
                     await emit(kind, data[start:cut])
                     start = cut
                 pending = data[start:]
+                while True:
+                    try:
+                        chunk = os.read(fd, READ_CHUNK)
+                        break
+                    except BlockingIOError:
+                        # Watch the fd only while waiting: it stays readable while we are
+                        # slowed by back-pressure, and a level-triggered watch would spin.
+                        await _fd_ready(loop.add_reader, loop.remove_reader, fd)
             if pending:
                 await emit(kind, pending)
         finally:
@@ -369,42 +423,37 @@ class Run:
         """Stream output until the process group is done; return how it ended."""
         proc = self.proc
         assert proc is not None
-        pumps = [
-            asyncio.ensure_future(self._pump(self._fds[0], MsgType.STDOUT)),
-            asyncio.ensure_future(self._pump(self._fds[1], MsgType.STDERR)),
-        ]
+        self._watch_pipes()
         feeder = asyncio.ensure_future(self._feed_stdin()) if self.stdin is not None else None
         # The leader's exit, not the pipes' EOF: a backgrounded grandchild can hold the pipes
         # open for ever.
         exited, release = _exit_future(proc)
-        killer = self._kill_requested
         try:
-            waiters: set[asyncio.Future[Any]] = {exited, killer}
-            done, _ = await asyncio.wait(waiters, timeout=self.timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if exited not in done:
-                if killer not in done:
+            await _first_of(exited, self._kill_requested, self.timeout)
+            if not exited.done():
+                if not self._kill_requested.done():
                     self._ending = Ending.TIMEOUT
                     self._kill_reason = f"timeout of {_fmt_seconds(self.timeout or 0)}"
                 await self._terminate(exited)
             # The leader is gone. Leftovers holding the pipes get ORPHAN_GRACE, then the
             # group is killed; a member that left the group cannot keep the task open either.
-            if not (pumps[0].done() and pumps[1].done()):
-                await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
+            if self._pipes:
+                await asyncio.wait([self._pipes_done], timeout=ORPHAN_GRACE)
             _killpg(proc.pid, signal.SIGKILL)
-            stuck: set[asyncio.Future[None]] = set()
-            if not (pumps[0].done() and pumps[1].done()):
-                _, stuck = await asyncio.wait(pumps, timeout=ORPHAN_GRACE)
-            if stuck:  # a member that left the group still holds a pipe: stop reading it
-                for pump in stuck:
-                    pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=bool(stuck))
+            if self._pipes:
+                await asyncio.wait([self._pipes_done], timeout=ORPHAN_GRACE)
+            stuck = self._stop_pipes()  # a member that left the group still holds a pipe
+            if stuck:
+                await asyncio.gather(*stuck, return_exceptions=True)
+            elif self._pipe_error is not None:
+                raise self._pipe_error
             if feeder is not None:
                 await feeder
             proc.wait()  # reaps at once: the pidfd said it exited
         finally:
             release()
-            for fut in (*pumps, exited, *(f for f in (feeder,) if f)):
+            self._stop_pipes()
+            for fut in (exited, *(f for f in (feeder,) if f)):
                 if not fut.done():
                     fut.cancel()
             if proc.returncode is None:  # cancelled from outside: leave nothing running
@@ -423,6 +472,30 @@ class Run:
             finished_at=finished, duration=time.monotonic() - self._started_mono,
             kill_signal=self._kill_signal, kill_reason=self._kill_reason,
         )
+
+
+async def _first_of(a: asyncio.Future[None], b: asyncio.Future[None], timeout: float | None) -> None:
+    """Return when a or b is done, or after timeout seconds (None: no limit). asyncio.wait
+    for two futures, without its sets and copies: this is on every task's path."""
+    if a.done() or b.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    a.add_done_callback(wake)
+    b.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake) if timeout is not None else None
+    try:
+        await waiter
+    finally:
+        a.remove_done_callback(wake)
+        b.remove_done_callback(wake)
+        if timer is not None:
+            timer.cancel()
 
 
 class Child:
