@@ -1,0 +1,65 @@
+"""The broker's lanes against a real redis-server: packing, replies in order, error replies as
+values, reconnects, and the scripts reloaded after Redis forgets them."""
+
+from __future__ import annotations
+
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from task_job.broker import BIG_ARG, Broker
+from task_job.client import Client
+from task_job.config import Config
+
+from .conftest import ExecutorHandle, wait_done
+
+
+async def test_a_lane_returns_replies_in_order_with_errors_in_their_places(config: Config) -> None:
+    broker = Broker(config)
+    big = b"x" * (BIG_ARG * 3)  # sent through redis-py's zero-copy path
+    try:
+        replies = await broker.claim_lane.execute([
+            ("SET", "k:str", "v"),
+            ("GET", "k:missing"),
+            ("INCRBYFLOAT", "k:float", 1.5),
+            ("LPUSH", "k:str", "x"),  # WRONGTYPE: an error reply, not an exception raised
+            ("EVALSHA", "0" * 40, 0),  # a script Redis does not know
+            ("SET", "k:big", big),
+            ("STRLEN", "k:big"),
+            ("MGET", "k:str", "k:missing"),
+        ])
+    finally:
+        await broker.close()
+    assert replies[:3] == [b"OK", None, b"1.5"]
+    assert isinstance(replies[3], ResponseError) and "WRONGTYPE" in str(replies[3])
+    assert isinstance(replies[4], NoScriptError)
+    assert replies[5:] == [b"OK", len(big), [b"v", None]]
+
+
+async def test_a_lane_cut_by_the_server_raises_once_then_reconnects(
+        config: Config, sync_redis: redis.Redis) -> None:
+    broker = Broker(config)
+    try:
+        assert await broker.claim_lane.execute([("CLIENT", "SETNAME", "lane-under-test")]) == [b"OK"]
+        killed = sync_redis.execute_command("CLIENT", "KILL", "SKIPME", "yes", "TYPE", "normal")
+        assert killed >= 1
+        try:
+            await broker.claim_lane.execute([("PING",)])
+        except (RedisConnectionError, OSError):
+            pass  # the cut connection: the caller's loop retries
+        else:
+            raise AssertionError("a lane whose connection the server closed answered a PING")
+        assert await broker.claim_lane.execute([("PING",), ("ECHO", "back")]) == [b"PONG", b"back"]
+    finally:
+        await broker.close()
+
+
+async def test_tasks_keep_running_after_redis_forgets_the_scripts(
+        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+    first = await client.submit("install.sh", ["one"])
+    assert (await wait_done(sync_redis, config, first)).fields["status"] == "succeeded"
+    sync_redis.script_flush()  # as after a restart of a Redis that keeps no scripts
+    second = await client.submit("install.sh", ["two"])
+    done = await wait_done(sync_redis, config, second)
+    assert done.fields["status"] == "succeeded"
+    assert sync_redis.script_exists(*executor.executor.broker.scripts.sha.values()) == [True] * 9
