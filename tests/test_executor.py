@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -115,6 +116,37 @@ async def test_env_cwd_and_stdin_reach_the_task(
     await wait_done(sync_redis, config, cat_id)
     assert output_of(sync_redis, config, env_id) == f"GREETING=hi there\n{config.cmd_dir}/sub\n".encode()
     assert output_of(sync_redis, config, cat_id) == b"fed through stdin\n"
+
+
+async def test_stdin_bigger_than_a_pipe_arrives_whole_and_tasks_leave_no_fd_open(
+        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+    fds_before = open_fds()
+    # 740 KB through cat (a pipe holds 64 KiB): the writer waits for room, the reader for output.
+    lines = "".join(f"line {i:07d} of the stdin fed to cat\n" for i in range(20000))
+    big_id = await client.submit("cat.sh", stdin=lines)
+    quiet = [await client.submit("count.sh", [str(config.cmd_dir) + f"/count-{i}"]) for i in range(20)]
+    for task_id in (big_id, *quiet):
+        assert (await wait_done(sync_redis, config, task_id, timeout=30)).fields["status"] == "succeeded"
+    assert output_of(sync_redis, config, big_id) == lines.encode()
+    # Every pipe and pidfd of those tasks is closed (and unwatched) once their done records
+    # are queued.
+    try:
+        await wait_until(lambda: open_fds() <= fds_before, what="fds back to those before the tasks")
+    except AssertionError:
+        raise AssertionError(f"left open: {sorted(open_fds() - fds_before)}") from None
+
+
+def open_fds() -> set[str]:
+    """This process's open pipes and pidfds, each with what it points to."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # the listing's own fd, closed already
+        if target.startswith(("pipe:", "anon_inode:[pidfd]")):
+            found.add(f"{fd}:{target}")
+    return found
 
 
 async def test_interpreter_runs_a_script_inside_cmd_dir(
