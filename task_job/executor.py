@@ -106,6 +106,7 @@ class Executor:
                            on_taken_over=self._taken_over)
         self._settling: set[str] = set()  # ids whose done record is queued, not yet written
         self._claims = itertools.count()
+        self._claim_prefix = f"{self.id}/{os.getpid()}/"  # claim tokens: unique per claim
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._ready = asyncio.Event()
@@ -271,7 +272,7 @@ class Executor:
             except ProtocolError as exc:
                 self._reject(raw, exc.reason, exc.task_id)
                 continue
-            claims.append((raw, task, f"{self.id}/{os.getpid()}/{next(self._claims)}"))
+            claims.append((raw, task, f"{self._claim_prefix}{next(self._claims)}"))
         if not claims:
             return
         verdicts = await self._begin(claims)

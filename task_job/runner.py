@@ -668,16 +668,22 @@ class _Watcher:
                         {"message": "exception in a runner fd callback", "exception": exc})
 
 
+_current: _Watcher | None = None  # the last loop's watcher: one loop runs in practice
 _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = weakref.WeakKeyDictionary()
 
 
 def _watcher() -> _Watcher:
     """The running loop's watcher, made on first use; its epoll fd is closed with the loop."""
+    global _current
     loop = asyncio.get_running_loop()
+    watcher = _current
+    if watcher is not None and watcher._loop() is loop:
+        return watcher
     watcher = _watchers.get(loop)
     if watcher is None:
         watcher = _watchers[loop] = _Watcher(loop)
         weakref.finalize(loop, watcher._epoll.close)
+    _current = watcher
     return watcher
 
 
