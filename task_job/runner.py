@@ -668,11 +668,36 @@ class _Watcher:
                         {"message": "exception in a runner fd callback", "exception": exc})
 
 
-_current: _Watcher | None = None  # the last loop's watcher: one loop runs in practice
-_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher] = weakref.WeakKeyDictionary()
+class _LoopWatcher:
+    """The same interface on the loop's own readers and writers, where epoll is missing."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = weakref.ref(loop)
+        self._writers: set[int] = set()
+
+    def add_reader(self, fd: int, callback: Callable[..., None], *args: Any) -> None:
+        asyncio.get_running_loop().add_reader(fd, callback, *args)
+
+    def add_writer(self, fd: int, callback: Callable[..., None], *args: Any) -> None:
+        asyncio.get_running_loop().add_writer(fd, callback, *args)
+        self._writers.add(fd)
+
+    def remove(self, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        if fd in self._writers:
+            self._writers.discard(fd)
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
-def _watcher() -> _Watcher:
+_EPOLL = hasattr(select, "epoll")
+_current: _Watcher | _LoopWatcher | None = None  # the last loop's: one loop runs in practice
+_watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watcher | _LoopWatcher] = \
+    weakref.WeakKeyDictionary()
+
+
+def _watcher() -> _Watcher | _LoopWatcher:
     """The running loop's watcher, made on first use; its epoll fd is closed with the loop."""
     global _current
     loop = asyncio.get_running_loop()
@@ -680,9 +705,11 @@ def _watcher() -> _Watcher:
     if watcher is not None and watcher._loop() is loop:
         return watcher
     watcher = _watchers.get(loop)
-    if watcher is None:
-        watcher = _watchers[loop] = _Watcher(loop)
-        weakref.finalize(loop, watcher._epoll.close)
+    if watcher is None and not _EPOLL:
+        watcher = _watchers[loop] = _LoopWatcher(loop)
+    elif watcher is None:
+        watcher = _watchers[loop] = epoll_watcher = _Watcher(loop)
+        weakref.finalize(loop, epoll_watcher._epoll.close)
     _current = watcher
     return watcher
 
