@@ -191,6 +191,19 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def pipes_and_pidfds() -> set[str]:
+    """This process's open pipes and pidfds, each as 'fd:target' (to see what tasks leave)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:
+            continue  # the listing's own fd, closed already
+        if target.startswith(("pipe:", "anon_inode:[pidfd]")):
+            found.add(f"{fd}:{target}")
+    return found
+
+
 class ExecutorProcess:
     """`task-job run` as a subprocess, stopped by its own pid."""
 

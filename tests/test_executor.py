@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import time
@@ -26,6 +25,7 @@ from .conftest import (
     dead_letters,
     done_of,
     pid_alive,
+    pipes_and_pidfds,
     records_of,
     wait_done,
     wait_until,
@@ -120,7 +120,7 @@ async def test_env_cwd_and_stdin_reach_the_task(
 
 async def test_stdin_bigger_than_a_pipe_arrives_whole_and_tasks_leave_no_fd_open(
         executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
-    fds_before = open_fds()
+    fds_before = pipes_and_pidfds()
     # 740 KB through cat (a pipe holds 64 KiB): the writer waits for room, the reader for output.
     lines = "".join(f"line {i:07d} of the stdin fed to cat\n" for i in range(20000))
     big_id = await client.submit("cat.sh", stdin=lines)
@@ -131,22 +131,9 @@ async def test_stdin_bigger_than_a_pipe_arrives_whole_and_tasks_leave_no_fd_open
     # Every pipe and pidfd of those tasks is closed (and unwatched) once their done records
     # are queued.
     try:
-        await wait_until(lambda: open_fds() <= fds_before, what="fds back to those before the tasks")
+        await wait_until(lambda: pipes_and_pidfds() <= fds_before, what="fds back to those before the tasks")
     except AssertionError:
-        raise AssertionError(f"left open: {sorted(open_fds() - fds_before)}") from None
-
-
-def open_fds() -> set[str]:
-    """This process's open pipes and pidfds, each with what it points to."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            continue  # the listing's own fd, closed already
-        if target.startswith(("pipe:", "anon_inode:[pidfd]")):
-            found.add(f"{fd}:{target}")
-    return found
+        raise AssertionError(f"left open: {sorted(pipes_and_pidfds() - fds_before)}") from None
 
 
 async def test_interpreter_runs_a_script_inside_cmd_dir(

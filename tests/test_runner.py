@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,8 @@ from task_job import runner
 from task_job.protocol import MsgType
 from task_job.runner import Ending, Run
 
+from .conftest import pipes_and_pidfds
+
 
 @pytest.fixture(params=["epoll", "loop"])
 def watcher_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -20,18 +21,6 @@ def watcher_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     if request.param == "loop":
         monkeypatch.setattr(runner, "_EPOLL", False)
     return str(request.param)
-
-
-def pipes_and_pidfds() -> set[str]:
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        if target.startswith(("pipe:", "anon_inode:[pidfd]")):
-            found.add(f"{fd}:{target}")
-    return found
 
 
 async def test_stdin_and_both_pipes_flow_through_either_watcher(watcher_kind: str, tmp_path: Path) -> None:
