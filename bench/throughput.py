@@ -6,6 +6,10 @@ default (forking) worker and with SimpleWorker. Medians over --runs; the kinds o
 interleaved so that a noisy moment of a shared machine hits them alike.
 
     python bench/throughput.py [--tasks 2000] [--runs 3] [--concurrency 1,4,16] [--no-rq]
+                               [--log-level warning]
+
+The executor logs at `warning` here (no line per task); `--log-level info`, the default of a
+deployed executor, adds its two JSON lines per task (started, finished) to the measurement.
 """
 
 from __future__ import annotations
@@ -44,9 +48,10 @@ async def raw_spawn(n: int, concurrency: int) -> float:
     return time.perf_counter() - t0
 
 
-def task_job(url: str, r: redis.Redis, cmd_dir: str, n: int, concurrency: int) -> float:
+def task_job(url: str, r: redis.Redis, cmd_dir: str, n: int, concurrency: int,
+             log_level: str) -> float:
     r.flushall()
-    with executor(url, cmd_dir, max_concurrency=concurrency):
+    with executor(url, cmd_dir, max_concurrency=concurrency, log_level=log_level):
         pipe = r.pipeline(transaction=False)
         for i in range(n):
             pipe.rpush("queue_job_task", json.dumps({"id": f"t{i}", "task": {"cmdline": "true"}}))
@@ -85,6 +90,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--no-rq", action="store_true")
+    parser.add_argument("--log-level", default="warning", help="the executor's log_level")
     args = parser.parse_args()
     n = args.tasks
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -100,9 +106,11 @@ def main() -> None:
                     rq_run(server.url, r, n, "rq.worker.SimpleWorker"))
             for c in levels:
                 times.setdefault(f"raw{c}", []).append(asyncio.run(raw_spawn(n, c)))
-                times.setdefault(f"tj{c}", []).append(task_job(server.url, r, cmd_dir, n, c))
+                times.setdefault(f"tj{c}", []).append(
+                    task_job(server.url, r, cmd_dir, n, c, args.log_level))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"Throughput: {n} tasks of `true` pushed at once, medians of {args.runs} runs")
+    print(f"Throughput: {n} tasks of `true` pushed at once, medians of {args.runs} runs, "
+          f"executor log_level {args.log_level}")
     print(f"machine: {machine()}")
     if use_rq:
         print(f"RQ default worker {n / med['rq']:.0f} tasks/s, "

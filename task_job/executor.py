@@ -292,7 +292,6 @@ class Executor:
                 continue
             tr = TaskRun(task, stream, int(attempt))
             self.running[task.id] = tr
-            log.info("task claimed", extra={"task_id": task.id, "attempt": tr.attempt})
             tg.create_task(self._execute(tr))
 
     async def _begin(self, claims: list[tuple[bytes, Task, str]]) -> list[Any]:
@@ -384,7 +383,7 @@ class Executor:
         pid = run.pid
         assert pid is not None
         self.sink.note_started(tr.stream, pid, run.started_at)
-        log.info("task started", extra={"task_id": task.id, "pid": pid})
+        log.info("task started", extra={"task_id": task.id, "pid": pid, "attempt": tr.attempt})
         result = await run.wait()
         outcome = outcome_of(result, task.timeout)
         if output.dropped:
