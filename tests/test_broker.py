@@ -3,10 +3,12 @@ values, reconnects, and the scripts reloaded after Redis forgets them."""
 
 from __future__ import annotations
 
+import pytest
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
+from task_job import broker as broker_module
 from task_job.broker import BIG_ARG, Broker
 from task_job.client import Client
 from task_job.config import Config
@@ -14,7 +16,18 @@ from task_job.config import Config
 from .conftest import ExecutorHandle, wait_done
 
 
-async def test_a_lane_returns_replies_in_order_with_errors_in_their_places(config: Config) -> None:
+@pytest.fixture(params=["hiredis reader", "redis-py read_response"])
+def reply_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Replies taken straight from hiredis's reader, or through redis-py's read_response (the
+    path where hiredis or its parser is missing)."""
+    if request.param != "hiredis reader":
+        monkeypatch.setattr(broker_module, "_NOT_ENOUGH_DATA", None)
+        monkeypatch.setattr(broker_module, "_hiredis_pack", None)
+    return str(request.param)
+
+
+async def test_a_lane_returns_replies_in_order_with_errors_in_their_places(
+        config: Config, reply_path: str) -> None:
     broker = Broker(config)
     big = b"x" * (BIG_ARG * 3)  # sent through redis-py's zero-copy path
     try:
@@ -37,7 +50,7 @@ async def test_a_lane_returns_replies_in_order_with_errors_in_their_places(confi
 
 
 async def test_a_lane_cut_by_the_server_raises_once_then_reconnects(
-        config: Config, sync_redis: redis.Redis) -> None:
+        config: Config, sync_redis: redis.Redis, reply_path: str) -> None:
     broker = Broker(config)
     try:
         assert await broker.claim_lane.execute([("CLIENT", "SETNAME", "lane-under-test")]) == [b"OK"]
