@@ -153,14 +153,20 @@ class _HiredisPacking:
     _packer: Any = None
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        for arg in args:
-            if isinstance(arg, bytes) and len(arg) > BIG_ARG:
-                # Big payloads (record batches): redis-py's packer hands them to the socket
-                # as they are, where hiredis would copy them all into one buffer.
-                big: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
-                return big
+        if _has_big_arg(args):
+            big: list[bytes] = super().pack_command(*args)  # type: ignore[misc]
+            return big
         packed: list[bytes] = self._packer.pack(*args)
         return packed
+
+
+def _has_big_arg(args: Sequence[Any]) -> bool:
+    """A payload (a record batch) that redis-py's packer hands to the socket as it is, where
+    hiredis would copy it into one buffer with the rest of the command."""
+    for arg in args:
+        if arg.__class__ is bytes and len(arg) > BIG_ARG:
+            return True
+    return False
 
 
 def _fast_packing(client: aioredis.Redis) -> aioredis.Redis:
@@ -232,14 +238,10 @@ def _pack(conn: Any, commands: Sequence[Sequence[Any]]) -> list[bytes]:
     when every argument is small (redis-py's own path spends more than twice as long around
     the same call); batches with a big payload keep redis-py's path, which hands big values
     to the socket without copying them."""
-    if _hiredis_pack is not None:
+    if _hiredis_pack is not None and not any(_has_big_arg(cmd) for cmd in commands):
         try:
-            for cmd in commands:
-                for arg in cmd:
-                    if arg.__class__ is bytes and len(arg) > BIG_ARG:
-                        raise TypeError  # a big payload: redis-py's path
             return [b"".join([_hiredis_pack(cmd) for cmd in commands])]
-        except TypeError:  # a big payload, or a type hiredis does not pack
+        except TypeError:  # a type hiredis does not pack: redis-py's path says what
             pass
     packed: list[bytes] = conn.pack_commands(commands)
     return packed

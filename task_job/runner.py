@@ -252,6 +252,7 @@ class Run:
         self._pipes: dict[int, asyncio.Future[None] | None] = {}
         self._pipes_done: asyncio.Future[None] = self._kill_requested.get_loop().create_future()
         self._pipe_error: BaseException | None = None
+        self._watch = _watcher()  # readiness of this run's pipes and pidfd
 
     @property
     def pid(self) -> int | None:
@@ -297,10 +298,9 @@ class Run:
     def _watch_pipes(self) -> None:
         """Watch both pipes with a plain callback: a pipe that ends without output (most
         short tasks) costs no coroutine; one that carries output gets a pump task."""
-        watcher = _watcher()
         for fd, kind in zip(self._fds, (MsgType.STDOUT, MsgType.STDERR), strict=True):
             self._pipes[fd] = None
-            watcher.add_reader(fd, self._readable, fd, kind)
+            self._watch.add_reader(fd, self._readable, fd, kind)
         self._fds = (-1, -1)
 
     def _readable(self, fd: int, kind: MsgType) -> None:
@@ -311,7 +311,7 @@ class Run:
         except OSError as exc:  # cannot happen on a pipe we own; end it, report it
             self._pipe_error = exc
             chunk = b""
-        _watcher().remove(fd)
+        self._watch.remove(fd)
         if not chunk:
             os.close(fd)
             self._pipe_ended(fd)
@@ -335,7 +335,7 @@ class Run:
         cancelled = []
         for fd, pump in list(self._pipes.items()):
             if pump is None:
-                _watcher().remove(fd)
+                self._watch.remove(fd)
                 os.close(fd)
                 self._pipe_ended(fd)
             elif not pump.done():
@@ -346,7 +346,6 @@ class Run:
     async def _pump(self, fd: int, kind: MsgType, chunk: bytes) -> None:
         """Hand on `chunk` and what follows it until EOF: whole lines in pieces of at most
         record_max_bytes, splitting only a line longer than that. Closes fd."""
-        watcher = _watcher()
         pending = b""
         cap = self.record_max_bytes
         emit = self.on_output
@@ -383,7 +382,7 @@ class Run:
                     except BlockingIOError:
                         # Watch the fd only while waiting: it stays readable while we are
                         # slowed by back-pressure, and a level-triggered watch would spin.
-                        await _fd_ready(watcher.add_reader, fd)
+                        await _fd_ready(self._watch, fd)
             if pending:
                 await emit(kind, pending)
         finally:
@@ -394,13 +393,12 @@ class Run:
         assert self.stdin is not None
         fd, self._stdin_fd = self._stdin_fd, -1
         data = memoryview(self.stdin.encode("utf-8", "surrogateescape"))
-        watcher = _watcher()
         try:
             while data:
                 try:
                     data = data[os.write(fd, data):]
                 except BlockingIOError:
-                    await _fd_ready(watcher.add_writer, fd)
+                    await _fd_ready(self._watch, fd, write=True)
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
@@ -428,7 +426,7 @@ class Run:
         feeder = asyncio.ensure_future(self._feed_stdin()) if self.stdin is not None else None
         # The leader's exit, not the pipes' EOF: a backgrounded grandchild can hold the pipes
         # open for ever.
-        exited, release = _exit_future(proc)
+        exited, release = _exit_future(proc, self._watch)
         try:
             await _first_of(exited, self._kill_requested, self.timeout)
             if not exited.done():
@@ -566,7 +564,7 @@ def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
     return Child(pid)
 
 
-def _exit_future(proc: Child) -> tuple[asyncio.Future[None], Callable[[], None]]:
+def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio.Future[None], Callable[[], None]]:
     """A future done when the process exits (pipes or not), and a release for its fd.
 
     A pidfd becomes readable at exit; where pidfds are missing, poll the process.
@@ -587,7 +585,6 @@ def _exit_future(proc: Child) -> tuple[asyncio.Future[None], Callable[[], None]]
         poller = asyncio.ensure_future(_reap(proc))
         poller.add_done_callback(lambda _: mark())
         return fut, lambda: None if poller.cancel() else None
-    watcher = _watcher()
     watcher.add_reader(fd, mark)
 
     def release() -> None:
@@ -610,15 +607,14 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-async def _fd_ready(watch: Callable[..., None], fd: int) -> None:
-    """Wait until fd is readable (watcher.add_reader) or writable (watcher.add_writer),
-    watching it only for as long as we wait."""
+async def _fd_ready(watcher: _Watcher | _LoopWatcher, fd: int, *, write: bool = False) -> None:
+    """Wait until fd is readable (or writable), watching it only for as long as we wait."""
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    watch(fd, _resolve, ready)
+    (watcher.add_writer if write else watcher.add_reader)(fd, _resolve, ready)
     try:
         await ready
     finally:
-        _watcher().remove(fd)
+        watcher.remove(fd)
 
 
 class _Watcher:
