@@ -36,6 +36,27 @@ WAIT_TIMEOUT_MS = 500
 # An operation that met one is retried; every operation we send is safe to repeat.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     RedisConnectionError, RedisTimeoutError, ReadOnlyError, TryAgainError, OSError)
+
+
+class RedisOutOfMemory(RedisConnectionError):
+    """Redis refused a write for lack of memory (maxmemory, noeviction): retried later."""
+
+
+def is_oom(result: Any) -> bool:
+    return isinstance(result, ResponseError) and str(result).startswith("OOM")
+
+
+BIG_CLAIM = 16 << 10  # claimed messages bigger than this are named by digest, not sent back
+
+
+def claim_ref(raw: bytes) -> bytes:
+    """How a settling script finds a claimed message in a processing list: the message
+    itself, or for a big one (or one that looks like a reference) 'sha1:<hex>:<length>'."""
+    if len(raw) <= BIG_CLAIM and not raw.startswith(b"sha1:"):
+        return raw
+    return b"sha1:%s:%d" % (hashlib.sha1(raw).hexdigest().encode(), len(raw))
+
+
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
                 "heartbeat", "takeover")
 
@@ -224,6 +245,8 @@ class Lane:
             except BaseException:
                 await conn.disconnect()  # replies may be left unread: start afresh
                 raise
+            if any(isinstance(r, ResponseError) and str(r).startswith("OOM") for r in results):
+                results = [RedisOutOfMemory(str(r)) if is_oom(r) else r for r in results]
             if any(isinstance(r, TRANSIENT_ERRORS) for r in results):
                 await conn.disconnect()  # e.g. READONLY: reconnect (Sentinel finds the master)
             return results

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -72,6 +73,16 @@ class Config:
     log_retention_days: int = 7
     max_output_action: str = "truncate"
     log_level: str = "info"
+    # Hardening (docs/security.md).
+    task_env_allow: tuple[str, ...] = ("*",)
+    task_env_deny: tuple[str, ...] = ()
+    script_interpreter: str = "bash"
+    perl_args_unchecked: tuple[str, ...] = ()
+    label_max_bytes: int = 1024
+    cancel_ttl: int = 3600
+    dead_max_len: int = 10000
+    logs_max_len: int = 0
+    redis_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -264,7 +275,10 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
                 "record_max_bytes", "buffer_bytes", "task_ttl", "task_log_max_records",
                 "task_log_ttl"):
         _positive(config, key)
-    for key in ("kill_grace", "drain_timeout", "max_output", "server_port"):
+    for key in ("label_max_bytes", "cancel_ttl", "redis_timeout"):
+        _positive(config, key)
+    for key in ("kill_grace", "drain_timeout", "max_output", "server_port", "dead_max_len",
+                "logs_max_len"):
         _positive(config, key, allow_zero=True)
     if config.wait_replicas < -1:
         raise ConfigError("wait_replicas: must be -1 (auto), 0 or more")
@@ -289,8 +303,15 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
     if not config.queue_name:
         raise ConfigError("queue_name: must not be empty")
-    if not config.interpreters and config.confine == "strict":
-        pass  # no interpreters: only executables inside cmd_dir may run
+    for key in ("task_env_allow", "task_env_deny"):
+        for pattern in getattr(config, key):
+            if not re.fullmatch(r"[A-Za-z0-9_*?\[\]!-]+", pattern):
+                raise ConfigError(f"{key}: {pattern!r} is not a glob of variable names")
+    if "/" in config.script_interpreter and not os.path.isabs(config.script_interpreter):
+        raise ConfigError("script_interpreter: a bare name found on PATH or an absolute path")
+    for script in config.perl_args_unchecked:
+        if os.path.isabs(script) or ".." in script.split("/"):
+            raise ConfigError(f"perl_args_unchecked: {script!r} must be a path relative to cmd_dir")
     addr = config.redis_addr
     if addr != "embedded" and "://" in addr:
         scheme = addr.split("://", 1)[0]

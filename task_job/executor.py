@@ -31,7 +31,8 @@ from task_job.protocol import (
     parse_control,
     parse_task,
 )
-from task_job.runner import Ending, Guard, Run, RunResult, confine
+from task_job.confine import EnvPolicy, Policy
+from task_job.runner import Ending, Guard, Run, RunResult
 from task_job.sinks import RedisSink, TaskStream
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,14 @@ class Executor:
         self._stopping = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._ready = asyncio.Event()
-        self._env = dict(os.environ)
+        self.env_policy = EnvPolicy.build(config.task_env_allow, config.task_env_deny)
+        self._env = self.env_policy.inherited(os.environ)
+        root = os.path.realpath(config.cmd_dir)
+        self.policy = Policy(
+            cmd_dir=config.cmd_dir, interpreters=config.interpreters, mode=config.confine,
+            path_env=self._env.get("PATH"), script_interpreter=config.script_interpreter,
+            perl_args_unchecked=frozenset(os.path.realpath(os.path.join(root, p))
+                                          for p in config.perl_args_unchecked))
         self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
         self.claimed = 0
 
@@ -268,7 +276,7 @@ class Executor:
         claims: list[tuple[bytes, Task, str]] = []
         for raw in raws:
             try:
-                task = parse_task(raw, self.config.max_message_bytes)
+                task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
             except ProtocolError as exc:
                 self._reject(raw, exc.reason, exc.task_id)
                 continue
@@ -360,10 +368,8 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
-        env = self._env if not task.env else {**self._env, **task.env}
-        argv, workdir = confine(task.argv, cmd_dir=cfg.cmd_dir, cwd=task.cwd,
-                                interpreters=cfg.interpreters, mode=cfg.confine,
-                                path_env=self._env.get("PATH"))
+        env = self.env_policy.task_env(self._env, task.env)
+        argv, workdir = self.policy.confine(task.argv, task.cwd)
         if tr.kill_reason is not None:
             return Outcome(Status.KILLED, f"killed before it started ({tr.kill_reason})")
         limit = task.max_output if task.max_output is not None else cfg.max_output
@@ -420,7 +426,7 @@ class Executor:
             ctl = parse_control(raw, self.config.max_message_bytes)
         except ProtocolError as exc:
             log.warning("bad control message", extra={"reason": exc.reason})
-            self._track(self.sink.dead_letter(raw, f"control: {exc.reason}"))
+            self._track(self.sink.dead_letter(raw, f"control: {exc.reason}", claimed=False))
             return
         if self._kill_local(ctl.id):
             return
@@ -428,7 +434,7 @@ class Executor:
             log.info("kill for a task not running here: ignored", extra={"task_id": ctl.id})
             return
         where, detail = await self.broker.call(
-            "kill", [self.keys.task(ctl.id)], [f"{time.time():.6f}", self.config.task_ttl])
+            "kill", [self.keys.task(ctl.id)], [f"{time.time():.6f}", self.config.cancel_ttl])
         where = where.decode() if isinstance(where, bytes) else where
         detail = detail.decode() if isinstance(detail, bytes) else detail
         if where == "running":

@@ -158,10 +158,21 @@ def split_cmdline(cmdline: str) -> list[str]:
     return shlex.split(cmdline, comments=False, posix=True)
 
 
-def parse_task(raw: bytes | str, max_bytes: int | None = None) -> Task:
-    """Parse and validate a task message, or raise `ProtocolError` saying why."""
+DEFAULT_LABEL_MAX_BYTES = 1024
+
+
+def parse_task(raw: bytes | str, max_bytes: int | None = None,
+               label_max_bytes: int = DEFAULT_LABEL_MAX_BYTES) -> Task:
+    """Parse and validate a task message, or raise `ProtocolError` saying why.
+
+    `type` and `tube`, echoed on every record, are bounded by `label_max_bytes`."""
     obj = _decode_object(raw, max_bytes)
     task_id = _read_id(obj)
+    for key in ("type", "tube"):
+        value = obj.get(key)
+        if isinstance(value, str) and len(value) * 4 > label_max_bytes \
+                and len(value.encode("utf-8", "surrogatepass")) > label_max_bytes:
+            raise ProtocolError(f"'{key}' is longer than label_max_bytes ({label_max_bytes} bytes)", task_id)
     spec = obj.get("task")
     if spec is None:
         raise ProtocolError("missing 'task'", task_id)
@@ -282,10 +293,13 @@ def _head_dict(head: RecordHead) -> dict[str, Any]:
     out: dict[str, Any] = {"id": head.id, "type": head.type}
     if head.tube is not None:
         out["tube"] = head.tube
+    out["child_num"] = 0  # the original's records carry it, always 0
     return out
 
 
-@functools.lru_cache(maxsize=4096)
+# A head is at most MAX_ID_LENGTH + 2 labels of label_max_bytes + the executor id, so the
+# cache holds a bounded number of bytes (256 entries of a few KiB); a task's records hit it.
+@functools.lru_cache(maxsize=256)
 def _record_ends(head: RecordHead, msg_type: MsgType) -> tuple[bytes, bytes]:
     """The JSON around a record's data, the same for every record of a task and stream."""
     start = orjson.dumps({**_head_dict(head), "msg_type": msg_type.value})[:-1] + b',"data":'
@@ -368,12 +382,24 @@ def parse_record(raw: bytes | str) -> Record:
         raise ProtocolError(f"not a record: {exc}") from exc
 
 
-def build_dead_entry(raw: bytes, reason: str, executor: str, ts: float) -> bytes:
-    """A dead-letter entry: the original message (text or base64) and why it was refused."""
-    entry: dict[str, Any] = {"reason": reason, "executor": executor, "ts": ts}
+DEAD_RAW_MAX_BYTES = 64 << 10
+
+
+def build_dead_entry(raw: bytes, reason: str, executor: str, ts: float,
+                     keep: int = DEAD_RAW_MAX_BYTES) -> bytes:
+    """A dead-letter entry: why the message was refused, its size, and the message itself
+    (text or base64) up to `keep` bytes (`"truncated": true` when cut), so that an oversize
+    message is not stored whole a second time."""
+    entry: dict[str, Any] = {"reason": reason, "executor": executor, "ts": ts, "size": len(raw)}
+    kept = raw[:keep]
     try:
-        entry["raw"] = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        entry["raw"] = base64.b64encode(raw).decode("ascii")
-        entry["encoding"] = "base64"
+        entry["raw"] = kept.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if len(kept) < len(raw) and exc.start >= len(kept) - 3:  # a character cut in two
+            entry["raw"] = kept[:exc.start].decode("utf-8", "replace")
+        else:
+            entry["raw"] = base64.b64encode(kept).decode("ascii")
+            entry["encoding"] = "base64"
+    if len(kept) < len(raw):
+        entry["truncated"] = True
     return orjson.dumps(entry)

@@ -1,4 +1,4 @@
-"""Spawn, confine, stream, time out and kill one task's process group.
+"""Spawn, stream, time out and kill one task's process group (confine.py decides what may run).
 
 Knows nothing of Redis: output goes to a callback, the outcome is returned.
 """
@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 import select
-import shutil
 import signal
 import struct
 import subprocess
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from task_job.errors import ConfinementError
 from task_job.protocol import MsgType
 
 _log = logging.getLogger(__name__)
@@ -38,145 +36,6 @@ F_SETPIPE_SZ = 1031  # Linux fcntl
 # After the task's main process exits, how long its leftovers may keep the pipes open
 # before the rest of the group is killed (a backgrounded child must not hang the task).
 ORPHAN_GRACE = 2.0
-
-# Options each interpreter family may take before its script: none of them runs inline code
-# or reads the program from anywhere but the script file. Anything else is refused.
-_SAFE_FLAGS = {
-    "sh": (set("aefhknuvxBCEHPT"), {"-o", "+o"}),
-    "python": (set("bBdEiIOPqRsSuv"), {"-W", "-X"}),
-    "perl": (set("aAlnpsTtwWX"), set()),
-}
-_NO_I = {"python": set("i")}  # python -i would read code from stdin after the script
-
-
-def _family(name: str) -> str:
-    base = os.path.basename(name)
-    if base in ("sh", "bash", "dash", "zsh", "ksh", "ash"):
-        return "sh"
-    if base.startswith("python"):
-        return "python"
-    if base.startswith("perl"):
-        return "perl"
-    return "other"
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
-
-
-def resolve_workdir(cmd_dir: str, cwd: str | None) -> str:
-    """The real working directory of a task: cmd_dir, or task.cwd inside it."""
-    return _workdir(os.path.realpath(cmd_dir), cwd)
-
-
-def _workdir(root: str, cwd: str | None) -> str:
-    if not cwd:
-        return root
-    path = os.path.realpath(os.path.join(root, cwd))
-    if not _inside(path, root):
-        raise ConfinementError(f"cwd {cwd!r} resolves to {path}, outside cmd_dir {root}")
-    if not os.path.isdir(path):
-        raise ConfinementError(f"cwd {cwd!r} is not a directory inside cmd_dir")
-    return path
-
-
-def _resolve_in(word: str, workdir: str, root: str, what: str) -> str:
-    path = os.path.realpath(os.path.join(workdir, word))
-    if not _inside(path, root):
-        raise ConfinementError(f"{what} {word!r} resolves to {path}, outside cmd_dir {root}")
-    if not os.path.isfile(path):
-        raise ConfinementError(f"{what} {word!r} is not a file inside cmd_dir")
-    return path
-
-
-@functools.lru_cache(maxsize=256)
-def _bare_interpreter(word: str, interpreters: tuple[str, ...], path_env: str | None
-                      ) -> tuple[str, str] | None:
-    """(real path, family) when PATH finds a bare word to be a configured interpreter.
-    Looked up once per word, like the interpreters themselves: what PATH held at the first
-    use stands until the executor restarts (the checked path is the path that runs)."""
-    located = shutil.which(word, path=path_env)
-    if not located:
-        return None
-    interp = os.path.realpath(located)
-    family = _interpreters(interpreters, path_env).get(interp)
-    return (interp, family) if family else None
-
-
-@functools.lru_cache(maxsize=8)
-def _interpreters(names: tuple[str, ...], path_env: str | None) -> dict[str, str]:
-    """Real path of each configured interpreter -> its family. Looked up once per executor:
-    if an interpreter is swapped later, its new path is simply not an interpreter (refused)."""
-    found: dict[str, str] = {}
-    for name in names:
-        where = shutil.which(name, path=path_env)
-        if where:
-            found[os.path.realpath(where)] = _family(name)
-    return found
-
-
-def confine(
-    argv: Sequence[str], *, cmd_dir: str, cwd: str | None = None,
-    interpreters: Sequence[str] = (), mode: str = "strict", path_env: str | None = None,
-) -> tuple[list[str], str]:
-    """Check argv against DESIGN.md §4; return (argv to exec, working directory).
-
-    argv[0] comes back as the resolved real path, so what was checked is what runs.
-    """
-    root = os.path.realpath(cmd_dir)
-    workdir = _workdir(root, cwd)
-    word = argv[0]
-    if mode == "cwd":
-        if "/" in word:
-            return [os.path.join(workdir, word), *argv[1:]], workdir
-        found = shutil.which(word, path=path_env) or os.path.join(workdir, word)
-        return [found, *argv[1:]], workdir
-
-    if "/" not in word:
-        as_interp = _bare_interpreter(word, tuple(interpreters), path_env)
-    elif os.path.isabs(word):
-        interp = os.path.realpath(word)
-        family = _interpreters(tuple(interpreters), path_env).get(interp)
-        as_interp = (interp, family) if family else None
-    else:
-        as_interp = None
-    if as_interp is not None and not _inside(as_interp[0], root):
-        return _confine_interpreter(argv, as_interp[0], as_interp[1], workdir, root), workdir
-
-    path = _resolve_in(word, workdir, root, "command")
-    if not os.access(path, os.X_OK):
-        raise ConfinementError(f"command {word!r} is not executable")
-    return [path, *argv[1:]], workdir
-
-
-def _confine_interpreter(
-    argv: Sequence[str], interp: str, family: str, workdir: str, root: str
-) -> list[str]:
-    flags, with_arg = _SAFE_FLAGS.get(family, (set(), set()))
-    flags = flags - _NO_I.get(family, set())
-    name = os.path.basename(argv[0])
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if arg in with_arg:
-            i += 2
-            continue
-        if len(arg) > 1 and arg[0] in "-+" and not (arg[0] == "+" and family != "sh"):
-            if arg.startswith("--") or not set(arg[1:]) <= flags:
-                raise ConfinementError(
-                    f"interpreter option {arg!r} of {name} is refused (it may run inline code)"
-                )
-            i += 1
-            continue
-        break
-    if i >= len(argv) or argv[i] == "-":
-        raise ConfinementError(f"{name} needs a script file inside cmd_dir (inline code is refused)")
-    script = _resolve_in(argv[i], workdir, root, "script")
-    return [interp, *argv[1:i], script, *argv[i + 1:]]
-
 
 class Ending(Enum):
     EXITED = "exited"

@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from task_job.broker import TRANSIENT_ERRORS, WAIT_TIMEOUT_MS, Broker
+from task_job.broker import (
+    TRANSIENT_ERRORS,
+    WAIT_TIMEOUT_MS,
+    Broker,
+    RedisOutOfMemory,
+    claim_ref,
+    is_oom,
+)
 from task_job.protocol import (
     MsgType,
     Outcome,
@@ -31,7 +38,7 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 1 << 20
 OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
 RETRY_CAP = 5.0
-NETWORK_ERRORS = TRANSIENT_ERRORS
+NETWORK_ERRORS = (*TRANSIENT_ERRORS, RedisOutOfMemory)
 
 
 @dataclass(slots=True)
@@ -162,22 +169,26 @@ class RedisSink:
             self.tee.add(record)
         dead = build_dead_entry(raw, dead_reason, self.executor, now) if dead_reason else b""
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
-        args = [mode, self.executor, seq, record, raw, dead, outcome.status.value, exit_code,
+        ref = claim_ref(raw)
+        args = [mode, self.executor, seq, record, ref, dead, outcome.status.value, exit_code,
                 f"{outcome.finished_at or now:.6f}", cfg.task_ttl, cfg.task_log_ttl,
-                cfg.task_log_max_records]
+                cfg.task_log_max_records, cfg.dead_max_len, cfg.logs_max_len]
         started = stream.started
         if started is not None and not started.taken:
             started.dropped = True  # still queued: the done record's script writes them
             args += [stream.pid, stream.started_at]
         script_keys = [keys.logs, stream.log_key, stream.state_key,
                        keys.processing(self.executor), keys.dead]
-        return self._script("finish", script_keys, args, len(record) + len(raw) + len(dead))
+        return self._script("finish", script_keys, args, len(record) + len(ref) + len(dead))
 
-    def dead_letter(self, raw: bytes, reason: str) -> asyncio.Future[Any]:
+    def dead_letter(self, raw: bytes, reason: str, *, claimed: bool = True) -> asyncio.Future[Any]:
+        """Move a claimed message (or, `claimed=False`, one that never was: a control
+        message) to the dead-letter list with its reason; a big one is kept as a prefix."""
         keys = self.broker.keys
         entry = build_dead_entry(raw, reason, self.executor, time.time())
+        ref = claim_ref(raw) if claimed else b""
         return self._script("dead_letter", [keys.processing(self.executor), keys.dead],
-                            [raw, entry], len(raw) + len(entry))
+                            [ref, entry, self.broker.config.dead_max_len], len(ref) + len(entry))
 
     def _script(self, name: str, keys: list[str], args: list[Any], size: int) -> asyncio.Future[Any]:
         # Settling ops are small and never wait for space: they must not deadlock behind
@@ -274,7 +285,7 @@ class RedisSink:
             s = op.stream
             return ("script", "push_records", [keys.logs, s.log_key, s.state_key],
                     [self.executor, op.first_seq, cfg.task_log_max_records, cfg.task_ttl,
-                     *op.payloads])
+                     cfg.logs_max_len, *op.payloads])
         if isinstance(op, _Script):
             return ("script", op.name, op.keys, op.args)
         return ("cmd", "", [], op.args)
@@ -290,9 +301,12 @@ class RedisSink:
         results = await self.broker.send(self.broker.sink_lane, commands)
         if self.broker.wait_replicas:
             results = results[:-1]
-        passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
+        passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS) or is_oom(r)), None)
         if passing is not None:
-            # e.g. READONLY during a failover: not delivered, whatever else the batch did.
+            # e.g. READONLY during a failover, or OOM under maxmemory: the batch is sent again
+            # (each script applies whole or not at all, and is safe to repeat).
+            if is_oom(passing):
+                raise RedisOutOfMemory(str(passing))
             raise passing
         self._note_up()
         for result in results:

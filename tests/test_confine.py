@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from task_job.errors import ConfinementError
-from task_job.runner import confine
+from task_job.confine import confine
 
 INTERPRETERS = ("sh", "bash", "python3", "perl")
 
@@ -89,10 +89,15 @@ def test_cwd_must_stay_inside_cmd_dir(cmd_dir: Path) -> None:
         confine(["install.sh"], cmd_dir=str(cmd_dir), cwd="../..", interpreters=())
 
 
-def test_non_executable_file_is_refused(cmd_dir: Path) -> None:
+def test_script_without_exec_bit_or_shebang_runs_through_script_interpreter(cmd_dir: Path) -> None:
     (cmd_dir / "plain.sh").write_text("echo hi\n")
-    with pytest.raises(ConfinementError, match="not executable"):
-        check(cmd_dir, "plain.sh")
+    (cmd_dir / "noshebang.sh").write_text("echo hi\n")
+    (cmd_dir / "noshebang.sh").chmod(0o755)
+    for name in ("plain.sh", "noshebang.sh"):
+        out, _ = confine([name, "a"], cmd_dir=str(cmd_dir), interpreters=())
+        assert os.path.basename(out[0]) == "bash" and out[1:] == [str(cmd_dir / name), "a"]
+        with pytest.raises(ConfinementError, match="not executable|script_interpreter is off"):
+            confine([name], cmd_dir=str(cmd_dir), script_interpreter="")
 
 
 ALLOWED = [

@@ -111,7 +111,8 @@ def test_output_record_has_tasklog_fields_and_base64_for_binary() -> None:
     head = RecordHead("101", "test", "tube1", "host-a/1")
     text = orjson.loads(build_output_record(head, MsgType.STDOUT, b"line\n", 3, 1.5))
     assert text == {"id": "101", "type": "test", "tube": "tube1", "msg_type": "stdout",
-                    "data": "line\n", "seq": 3, "ts": 1.5, "executor": "host-a/1"}
+                    "data": "line\n", "seq": 3, "ts": 1.5, "executor": "host-a/1",
+                    "child_num": 0}
     binary = parse_record(build_output_record(head, MsgType.STDERR, b"\xff\xfe", 4, 2.0))
     assert binary.fields["encoding"] == "base64"
     assert binary.payload == b"\xff\xfe"

@@ -8,16 +8,34 @@
 --                'new'    a rejected message: only if the id has no state yet
 --                'cancel' a kill came before the start (state cancel_requested)
 -- ARGV[2]  executor id       ARGV[3]  seq of the done record    ARGV[4]  done record (JSON)
--- ARGV[5]  raw message to remove from KEYS[4] ('' = none)
+-- ARGV[5]  raw message to remove from KEYS[4] ('' = none), or 'sha1:<hex>:<length>' naming
+--          a big one by its digest (it is not sent back whole)
 -- ARGV[6]  dead-letter entry ('' = none), pushed only if the raw message was still claimed
 -- ARGV[7]  status            ARGV[8]  exit code ('' = null)     ARGV[9]  finished_at
 -- ARGV[10] state TTL         ARGV[11] stream TTL                ARGV[12] stream MAXLEN
--- ARGV[13] pid, ARGV[14] started_at: optional, for a task whose start note was never sent
+-- ARGV[13] dead_max_len      ARGV[14] logs_max_len (caps of KEYS[5], KEYS[1]; 0 = none)
+-- ARGV[15] pid, ARGV[16] started_at: optional, for a task whose start note was never sent
 -- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
+local function unclaim(key, ref)
+  if string.sub(ref, 1, 5) ~= 'sha1:' then return redis.call('LREM', key, 1, ref) end
+  local want = string.sub(ref, 6, 45)
+  local len = tonumber(string.sub(ref, 47))
+  for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
+    if #v == len and redis.sha1hex(v) == want then return redis.call('LREM', key, 1, v) end
+  end
+  return 0
+end
+local function cap(key, n)
+  n = tonumber(n)
+  if n > 0 and redis.call('LLEN', key) > n then redis.call('LTRIM', key, -n, -1) end
+end
 local removed = 1
-if ARGV[5] ~= '' then removed = redis.call('LREM', KEYS[4], 1, ARGV[5]) end
-if ARGV[6] ~= '' and removed > 0 then redis.call('RPUSH', KEYS[5], ARGV[6]) end
+if ARGV[5] ~= '' then removed = unclaim(KEYS[4], ARGV[5]) end
+if ARGV[6] ~= '' and removed > 0 then
+  redis.call('RPUSH', KEYS[5], ARGV[6])
+  cap(KEYS[5], ARGV[13])
+end
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
 local mode = ARGV[1]
 if mode == 'own' then
@@ -31,10 +49,11 @@ else
   return redis.error_reply('finish: unknown mode ' .. mode)
 end
 redis.call('RPUSH', KEYS[1], ARGV[4])
+cap(KEYS[1], ARGV[14])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[11])
 redis.call('HSET', KEYS[3], 'status', ARGV[7], 'executor', ARGV[2], 'seq', ARGV[3],
   'exit_code', ARGV[8], 'finished_at', ARGV[9])
-if ARGV[13] then redis.call('HSET', KEYS[3], 'pid', ARGV[13], 'started_at', ARGV[14]) end
+if ARGV[15] then redis.call('HSET', KEYS[3], 'pid', ARGV[15], 'started_at', ARGV[16]) end
 redis.call('EXPIRE', KEYS[3], ARGV[10])
 return 1

@@ -6,7 +6,8 @@
 -- ARGV[2]  seq of the first record in ARGV[5..]
 -- ARGV[3]  stream MAXLEN (approximate)
 -- ARGV[4]  stream TTL while the task runs, seconds
--- ARGV[5..] records (JSON), seqs ARGV[2], ARGV[2]+1, ...
+-- ARGV[5]  logs_max_len: KEYS[1] is trimmed to its newest ARGV[5] entries (0 = no cap)
+-- ARGV[6..] records (JSON), seqs ARGV[2], ARGV[2]+1, ...
 -- Records at or below the delivered seq are skipped, so a retried batch adds nothing twice.
 -- Returns the number of records added, or -1 when the task is not this executor's.
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
@@ -15,12 +16,12 @@ if st[1] ~= 'running' or st[2] ~= ARGV[1] then
 end
 local last = tonumber(st[3] or '-1')
 local first = tonumber(ARGV[2])
-local n = #ARGV - 4
+local n = #ARGV - 5
 local skip = last - first + 1
 if skip < 0 then skip = 0 end
 if skip >= n then return 0 end
 local batch = {}
-for i = 5 + skip, #ARGV do
+for i = 6 + skip, #ARGV do
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'r', ARGV[i])
   batch[#batch + 1] = ARGV[i]
   if #batch == 1000 then
@@ -29,6 +30,8 @@ for i = 5 + skip, #ARGV do
   end
 end
 if #batch > 0 then redis.call('RPUSH', KEYS[1], unpack(batch)) end
+local cap = tonumber(ARGV[5])
+if cap > 0 and redis.call('LLEN', KEYS[1]) > cap then redis.call('LTRIM', KEYS[1], -cap, -1) end
 redis.call('HSET', KEYS[3], 'seq', first + n - 1)
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 return n - skip
