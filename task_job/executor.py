@@ -354,12 +354,12 @@ class Executor:
             # The done record must be queued whatever happened, cancellation included.
             fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
             self._track(fut)
-            if tr.log_file is not None:
-                await asyncio.shield(asyncio.to_thread(tr.log_file.finish, tr.stream.done))
             self._settling.add(task.id)
             fut.add_done_callback(lambda _: self._settling.discard(task.id))
             del self.running[task.id]
             self._slot_freed.set()
+            if tr.log_file is not None:  # never raises: file errors are counted, not fatal
+                await asyncio.shield(asyncio.to_thread(tr.log_file.finish, tr.stream.done))
             log.info("task finished", extra={
                 "task_id": task.id, "executor": self.id, "status": outcome.status.value,
                 "exit_code": outcome.exit_code, "duration_s": outcome.duration,

@@ -7,42 +7,125 @@ Blocking file work; the executor calls it through asyncio.to_thread.
 from __future__ import annotations
 
 import datetime as dt
+import errno
+import hashlib
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO
 
 log = logging.getLogger(__name__)
 
 _DATE_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-def _safe(task_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@:-]", "_", task_id).lstrip(".") or "_"
+_UNSAFE = re.compile(rb"[^A-Za-z0-9_.@:-]|^\.")
+STEM_MAX = 200  # + ".json": well within NAME_MAX (255)
+
+
+def file_stem(task_id: str) -> str:
+    """An injective file name for a task id, within NAME_MAX: bytes outside [A-Za-z0-9_.@:-]
+    (and a leading dot) are %-escaped, '%' included, so two ids never share a name; a name
+    that would be longer than STEM_MAX is cut and ends with '~' and a digest of the id ('~'
+    never appears unescaped otherwise)."""
+    raw = task_id.encode("utf-8", "surrogatepass")
+    stem = _UNSAFE.sub(lambda m: b"".join(b"%%%02X" % c for c in m.group()), raw).decode("ascii")
+    if len(stem) <= STEM_MAX:
+        return stem
+    head = stem[:100]
+    cut = head.rfind("%", len(head) - 2)
+    if cut >= 0:
+        head = head[:cut]  # not in the middle of an escape
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:40]}"
+
+
+class DiskErrors:
+    """Counts file errors of one kind and logs once per change of state (failing <-> fine),
+    so a full disk neither floods the log nor goes unnoticed."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self.failing = False
+
+    def failed(self, exc: OSError, path: object = None) -> None:
+        self.count += 1
+        if not self.failing:
+            self.failing = True
+            log.error(f"cannot write {self.what}; going on without", extra={
+                "error": os.strerror(exc.errno) if exc.errno else repr(exc), "path": str(path),
+                "errno": errno.errorcode.get(exc.errno or 0, "")})
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            log.warning(f"{self.what} writable again", extra={"failures": self.count})
+
+
+LOG_FILE_ERRORS = DiskErrors("task log files")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written; a short write is retried, an error raised."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
 
 
 class TaskLogFile:
-    """The files of one task, opened when it starts."""
+    """The files of one task, opened when it starts. A file error (a full or read-only disk,
+    a permission) never reaches the task: it is counted and logged, the task runs on."""
 
-    def __init__(self, log_dir: str, task_id: str, started: float) -> None:
+    def __init__(self, log_dir: str, task_id: str, started: float,
+                 errors: DiskErrors = LOG_FILE_ERRORS) -> None:
         day = dt.datetime.fromtimestamp(started).strftime("%Y-%m-%d")
         folder = Path(log_dir) / day
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path = folder / f"{_safe(task_id)}.log"
-        self.done_path = folder / f"{_safe(task_id)}.json"
-        self._file: BinaryIO | None = open(self.path, "ab")  # noqa: SIM115 - closed in finish
+        stem = file_stem(task_id)
+        self.path = folder / f"{stem}.log"
+        self.done_path = folder / f"{stem}.json"
+        self.errors = errors
+        self._fd = -1
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            errors.failed(exc, self.path)
 
     def write(self, data: bytes) -> None:
-        if self._file is not None:
-            self._file.write(data)
+        if self._fd < 0:
+            return
+        try:
+            _write_all(self._fd, data)
+        except OSError as exc:
+            self.errors.failed(exc, self.path)
+            self._close()  # the rest of this task's output is not written (it stays in Redis)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError as exc:  # e.g. EIO/ENOSPC reported at close on some filesystems
+                self.errors.failed(exc, self.path)
+            self._fd = -1
 
     def finish(self, done_record: bytes | None) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if done_record is not None:
-            self.done_path.write_bytes(done_record)
+        wrote = self._fd >= 0
+        self._close()
+        if done_record is None:
+            return
+        try:
+            fd = os.open(self.done_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                _write_all(fd, done_record)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.errors.failed(exc, self.done_path)
+            return
+        if wrote:
+            self.errors.ok()
 
 
 def prune(log_dir: str, keep_days: int, today: dt.date | None = None) -> int:

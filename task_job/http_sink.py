@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from task_job.files import DiskErrors
 from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class HttpSink:
         self._idle = asyncio.Event()
         self._closing = False
         self._spool: SpoolFile | None = None
+        self._disk_errors = DiskErrors("the http spool")
+        self._lost_at_close = 0
         self._spool_active = False
         self._down_since: float | None = None
         self.posted_batches = 0
@@ -112,10 +115,17 @@ class HttpSink:
                 finally:
                     self._buffered -= sum(len(r) for r in batch)
                     self._space.set()
+                if self._lost_at_close:
+                    log.error("closing with the http sink unreachable and the spool unwritable: "
+                              "records lost", extra={"records": self._lost_at_close})
+                    return
         finally:
             await self._session.close()
             if self._spool is not None:
-                await asyncio.to_thread(self._spool.remove_if_empty)
+                try:
+                    await asyncio.to_thread(self._spool.remove_if_empty)
+                except OSError as exc:
+                    self._disk_errors.failed(exc, self._spool.path)
 
     async def _linger(self) -> None:
         """Let a batch fill for up to `linger` seconds, unless it is full already."""
@@ -190,7 +200,13 @@ class HttpSink:
             path.write_bytes(b'{"reason":' + _json_str(reason) + b',"url":' + _json_str(self.url)
                              + b',"records":[' + b",".join(batch) + b"]}")
 
-        await asyncio.to_thread(write)
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            self._disk_errors.failed(exc, path)
+            log.error("http sink refused a batch and it cannot be kept on disk: dropped",
+                      extra={"reason": reason, "records": len(batch)})
+            return
         log.error("http sink refused a batch; it is kept in a file and not retried",
                   extra={"reason": reason, "file": str(path), "records": len(batch)})
 
@@ -204,9 +220,22 @@ class HttpSink:
     async def _spill(self, batch: list[bytes]) -> None:
         queued = self._records
         self._records = []
-        spool = self._open_spool()
         calls: list[Call] = [("http", "", [], [r]) for r in (*batch, *queued)]
-        await asyncio.to_thread(spool.append, calls)
+        try:
+            spool = await asyncio.to_thread(self._open_spool)
+            await asyncio.to_thread(spool.append, calls)
+        except OSError as exc:
+            # Nothing written: the records go back, in order, and wait in memory (tasks are
+            # slowed by back-pressure) until the receiver or the disk takes them.
+            self._disk_errors.failed(exc, self.spool_dir)
+            self._records = [*batch, *queued, *self._records]
+            self._buffered += sum(len(r) for r in batch)
+            if self._closing:
+                self._lost_at_close = len(self._records)
+                return
+            await asyncio.sleep(1.0)
+            return
+        self._disk_errors.ok()
         if not self._spool_active:
             log.warning("http sink unreachable and the buffer is full: spooling to disk",
                         extra={"spool": str(spool.path)})
@@ -226,7 +255,9 @@ class HttpSink:
             log.warning("http spool delivered; records flow directly again")
             return True
         calls, offset = await asyncio.to_thread(spool.read, self.batch_bytes)
-        batch = [call[3][0] for call in calls]
+        if not calls:
+            return True  # a torn end was set aside: nothing is pending at the next step
+        batch = [call[3][0] for call in calls if call[3] and isinstance(call[3][0], bytes)]
         try:
             await self._post(batch)
             self._note_up()

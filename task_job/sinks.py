@@ -31,6 +31,7 @@ from task_job.protocol import (
     build_done_record,
     build_output_record,
 )
+from task_job.files import DiskErrors
 from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 1 << 20
 OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
 RETRY_CAP = 5.0
+SPILL_RETRY = 1.0  # seconds between attempts to spool to a disk that refused
 NETWORK_ERRORS = (*TRANSIENT_ERRORS, RedisOutOfMemory)
 
 
@@ -109,6 +111,8 @@ class RedisSink:
     _spool: SpoolFile | None = None
     _spool_active: bool = False
     _spool_attempt: int = 0
+    _spool_errors: DiskErrors = field(default_factory=lambda: DiskErrors("the spool"))
+    _lost_at_close: int = 0
 
     def open_stream(self, head: RecordHead, next_seq: int = 0) -> TaskStream:
         keys = self.broker.keys
@@ -235,10 +239,17 @@ class RedisSink:
                     continue
                 self._idle.clear()
                 await self._deliver_next()
+                if self._lost_at_close:
+                    log.error("closing with redis unreachable and the spool unwritable: "
+                              "operations lost", extra={"operations": self._lost_at_close})
+                    return
         finally:
             self._running = False
             if self._spool is not None:  # releases its lock; keeps it if anything is left
-                await asyncio.to_thread(self._spool.remove_if_empty)
+                try:
+                    await asyncio.to_thread(self._spool.remove_if_empty)
+                except OSError as exc:
+                    self._spool_errors.failed(exc, self._spool.path)
                 self._spool = None
 
     async def deliver_now(self, future: asyncio.Future[Any]) -> Any:
@@ -359,13 +370,27 @@ class RedisSink:
         """Write a failed batch and then every queued op to disk, in order; free the memory."""
         queued = self._ops
         self._ops = []
-        spool = self._open_spool()
         for op in queued:
             if isinstance(op, _Command):
                 op.taken = True
         all_calls = calls + [self._call(op) for op in queued
                              if not (isinstance(op, _Command) and op.dropped)]
-        await asyncio.to_thread(spool.append, all_calls)
+        try:
+            spool = await asyncio.to_thread(self._open_spool)
+            await asyncio.to_thread(spool.append, all_calls)
+        except OSError as exc:
+            # A full or read-only state_dir: nothing was written. The ops go back, in order,
+            # and stay in memory (producers wait on back-pressure) until Redis or the disk
+            # takes them; at close, with neither, they are lost and that is logged.
+            self._spool_errors.failed(exc, self._spool_dir)
+            self._ops = [*batch, *queued, *self._ops]
+            self._buffered += sum(op.size for op in batch)
+            if self._closing:
+                self._lost_at_close = len(self._ops)
+                return
+            await asyncio.sleep(SPILL_RETRY)
+            return
+        self._spool_errors.ok()
         if not self._spool_active:
             log.warning("redis unreachable and the buffer is full: spooling records to disk",
                         extra={"spool": str(spool.path)})
@@ -390,6 +415,8 @@ class RedisSink:
             log.warning("spool delivered; records flow directly again")
             return True
         calls, offset = await asyncio.to_thread(spool.read, self.batch_bytes)
+        if not calls:
+            return True  # a torn end was set aside: pending is 0 at the next step
         try:
             await self._send(calls)
         except NETWORK_ERRORS as exc:
@@ -421,6 +448,8 @@ class RedisSink:
             attempt = 0
             while spool.pending:
                 calls, offset = await asyncio.to_thread(spool.read, self.batch_bytes)
+                if not calls:
+                    break  # a torn frame was set aside: nothing more is whole
                 try:
                     await self._send(calls)
                 except NETWORK_ERRORS as exc:

@@ -8,8 +8,11 @@ operation written here is idempotent, so replaying from the last saved offset is
 from __future__ import annotations
 
 import base64
+import binascii
 import fcntl
+import logging
 import os
+import shutil
 import re
 import struct
 from collections.abc import Iterator
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+log = logging.getLogger(__name__)
 
 # One frame: 4-byte big-endian length, then JSON [kind, name, keys, args].
 _HEADER = struct.Struct(">I")
@@ -56,11 +61,12 @@ class SpoolFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self.locked = _try_lock(self._fd)
-        self.read_offset = self._saved_offset()
+        # Never past the end: a spool cut short below its saved offset has nothing pending.
+        self.read_offset = min(self._saved_offset(), self.size)
 
     def _saved_offset(self) -> int:
         try:
-            return int(self.offset_path.read_text())
+            return max(0, int(self.offset_path.read_text()))
         except (OSError, ValueError):
             return 0
 
@@ -73,29 +79,69 @@ class SpoolFile:
         return self.size - self.read_offset
 
     def append(self, calls: list[Call]) -> None:
+        """Append whole frames, or nothing: a failed or short write (a full or read-only
+        disk) is cut back off before the error is raised, so no torn frame is left behind."""
         data = b"".join(encode(c) for c in calls)
-        os.write(self._fd, data)
-        os.fsync(self._fd)
+        start = self.size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError:
+                pass  # the torn tail is set aside when the spool is read back
+            raise
 
     def read(self, max_bytes: int) -> tuple[list[Call], int]:
-        """Calls from the read offset, about max_bytes of them, and the offset after them."""
+        """Calls from the read offset, about max_bytes of them, and the offset after them.
+
+        A frame that is cut short or does not decode (a crash mid-write, a damaged disk)
+        ends what can be replayed: the rest of the file is set aside beside the spool
+        (`.torn-<offset>`), logged, and the spool cut to what was whole."""
         calls: list[Call] = []
         offset = self.read_offset
         end = self.size
+        torn = False
         with open(self.path, "rb") as f:
             f.seek(offset)
             while offset < end and (not calls or offset - self.read_offset < max_bytes):
                 header = f.read(_HEADER.size)
                 if len(header) < _HEADER.size:
-                    break  # a torn last frame (crash mid-write): it was never acknowledged
-                (length,) = _HEADER.unpack(header)
-                body = f.read(length)
-                if len(body) < length:
+                    torn = True
                     break
-                kind, name, keys, args = orjson.loads(body)
-                calls.append((kind, name, keys, [_decode_arg(a) for a in args]))
+                (length,) = _HEADER.unpack(header)
+                body = f.read(length) if length <= end - offset - _HEADER.size else b""
+                if len(body) < length or not length:
+                    torn = True
+                    break
+                try:
+                    kind, name, keys, args = orjson.loads(body)
+                    call = (str(kind), str(name), list(keys), [_decode_arg(a) for a in args])
+                except (ValueError, TypeError, KeyError, binascii.Error):
+                    torn = True
+                    break
+                calls.append(call)
                 offset += _HEADER.size + length
+        if torn:
+            self._set_aside(offset, end)
         return calls, offset
+
+    def _set_aside(self, offset: int, end: int) -> None:
+        aside = self.path.with_name(f"{self.path.name}.torn-{offset}")
+        try:
+            with open(self.path, "rb") as src, open(aside, "wb") as dst:
+                src.seek(offset)
+                shutil.copyfileobj(src, dst)
+        except OSError as exc:
+            log.error("cannot keep the torn end of a spool", extra={"spool": str(self.path),
+                                                                   "error": repr(exc)})
+        os.ftruncate(self._fd, offset)
+        log.error("spool ends in a torn or damaged frame: replaying what is whole, the rest set aside",
+                  extra={"spool": str(self.path), "offset": offset, "bytes": end - offset,
+                         "set_aside": str(aside)})
 
     def commit(self, offset: int) -> None:
         """Remember that everything before offset is delivered."""
