@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -18,6 +19,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    InvalidResponse,
     NoScriptError,
     ReadOnlyError,
     RedisError,
@@ -58,7 +62,7 @@ def claim_ref(raw: bytes) -> bytes:
 
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
-                "heartbeat", "takeover")
+                "heartbeat", "takeover", "adopt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,10 @@ class Keys:
 
     def executor(self, executor: str) -> str:
         return f"{self.tag}:executor:{executor}"
+
+    def taken_over(self, executor: str) -> str:
+        """The mark a takeover leaves for the executor it declared dead."""
+        return f"{self.tag}:taken_over:{executor}"
 
     def inbox(self, executor: str) -> str:
         return f"{self.tag}:control:{executor}"
@@ -163,6 +171,41 @@ def connect(addr: str, *, tls_ca: str = "", tls_cert: str = "", tls_key: str = "
     return _fast_packing(aioredis.Redis.from_url(url, **options))
 
 
+BLOCK_MAX = 1.0  # the longest a blocking command (BLPOP, BLMOVE) of ours waits
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: unreachable, silent, loading, failing over. Not: a wrong password, a
+    server that is not Redis, a TLS mismatch (an operator has to fix those)."""
+    text = str(exc)
+    if isinstance(exc, (AuthenticationError, AuthorizationError, InvalidResponse)) or \
+            "WRONGPASS" in text or "NOAUTH" in text or "NOPERM" in text:
+        return False
+    if isinstance(exc, ssl.SSLError) or "SSL" in text or "certificate" in text:
+        return False
+    return isinstance(exc, (*TRANSIENT_ERRORS, TimeoutError))
+
+
+def describe(exc: BaseException, timeout: float) -> str:
+    """One line an operator can act on, for an error met talking to Redis."""
+    text = str(exc) or type(exc).__name__
+    if "WRONGPASS" in text or isinstance(exc, AuthenticationError):
+        return "wrong user name or password (check redis_addr, or the ACL user)"
+    if "NOAUTH" in text:
+        return "the server needs a password (redis://user:password@host:port)"
+    if "NOPERM" in text or isinstance(exc, AuthorizationError):
+        return f"the ACL user may not run a command task-job needs: {text}"
+    if isinstance(exc, InvalidResponse) or "Protocol error" in text:
+        return "the server does not speak the Redis protocol (wrong port?)"
+    if isinstance(exc, ssl.SSLError) or "SSL" in text or "certificate" in text:
+        return f"TLS failed ({text}); rediss:// needs a TLS port, redis:// a plain one; check redis_tls_ca"
+    if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+        return f"connected, but no reply within {timeout:g}s (a stalled server, or not Redis)"
+    if isinstance(exc, ConnectionRefusedError) or "refused" in text.lower() or "Error 111 " in text:
+        return "connection refused (is redis-server running there?)"
+    return text
+
+
 BIG_ARG = 6000  # redis-py's own cut-off for sending a value as a separate buffer
 
 
@@ -216,40 +259,50 @@ class Lane:
     connects afresh. One batch at a time.
     """
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, timeout: float = 10.0) -> None:
         self._client = client
         self._conn: Any = None
         self._lock = asyncio.Lock()
+        self.timeout = timeout  # deadline of a batch, beyond what its blocking commands wait
 
-    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def execute(self, commands: Sequence[Sequence[Any]], block: float = 0.0) -> list[Any]:
         async with self._lock:
             if self._conn is None:
                 self._conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             conn = self._conn
             try:
-                if not conn.is_connected:
-                    # connect() itself: a Sentinel-managed connection finds the master there
-                    # (send_packed_command's own connect would not).
-                    await conn.connect()
-                await conn.send_packed_command(_pack(conn, commands), check_health=False)
-                reader = _replies_reader(conn)
-                if reader is not None:
-                    results = await _read_replies(conn._parser, reader, len(commands))
-                else:
-                    results = []
-                    for _ in commands:
-                        try:
-                            results.append(await conn.read_response())
-                        except ResponseError as exc:  # this command's error reply
-                            results.append(exc)
-            except BaseException:
-                await conn.disconnect()  # replies may be left unread: start afresh
-                raise
-            if any(isinstance(r, ResponseError) and str(r).startswith("OOM") for r in results):
-                results = [RedisOutOfMemory(str(r)) if is_oom(r) else r for r in results]
-            if any(isinstance(r, TRANSIENT_ERRORS) for r in results):
-                await conn.disconnect()  # e.g. READONLY: reconnect (Sentinel finds the master)
-            return results
+                async with asyncio.timeout(self.timeout + block):
+                    return await self._execute(conn, commands)
+            except TimeoutError:
+                await conn.disconnect()  # a silent server: the next batch connects afresh
+                raise RedisTimeoutError(
+                    f"no reply from redis within {self.timeout + block:g}s") from None
+
+    async def _execute(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        try:
+            if not conn.is_connected:
+                # connect() itself: a Sentinel-managed connection finds the master there
+                # (send_packed_command's own connect would not).
+                await conn.connect()
+            await conn.send_packed_command(_pack(conn, commands), check_health=False)
+            reader = _replies_reader(conn)
+            if reader is not None:
+                results = await _read_replies(conn._parser, reader, len(commands))
+            else:
+                results = []
+                for _ in commands:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:  # this command's error reply
+                        results.append(exc)
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread: start afresh
+            raise
+        if any(isinstance(r, ResponseError) and str(r).startswith("OOM") for r in results):
+            results = [RedisOutOfMemory(str(r)) if is_oom(r) else r for r in results]
+        if any(isinstance(r, TRANSIENT_ERRORS) for r in results):
+            await conn.disconnect()  # e.g. READONLY: reconnect (Sentinel finds the master)
+        return results
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -316,21 +369,33 @@ class Broker:
         # Typed Any on purpose: redis-py's asyncio annotations mix sync/async returns and
         # bytes/str unions; the values are checked where they are read instead.
         self.redis: Any = client or connect(
-            config.redis_addr, socket_timeout=None, retry=Retry(ExponentialBackoff(cap=1.0), retries),
+            config.redis_addr, socket_timeout=config.redis_timeout + BLOCK_MAX,
+            socket_connect_timeout=min(5.0, config.redis_timeout),
+            retry=Retry(ExponentialBackoff(cap=1.0), retries),
             tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
         self.wait_replicas = config.replicas_to_wait
         self.scripts = Scripts()
-        self.claim_lane = Lane(self.redis)  # the claim loop's batches
-        self.sink_lane = Lane(self.redis)  # the sink's batches
+        self.claim_lane = Lane(self.redis, config.redis_timeout)  # the claim loop's batches
+        self.sink_lane = Lane(self.redis, config.redis_timeout)  # the sink's batches
+
+    def shorten_deadlines(self, seconds: float) -> None:
+        """At shutdown: a silent Redis may hold each remaining batch this long at most."""
+        for lane in (self.claim_lane, self.sink_lane):
+            lane.timeout = min(lane.timeout, seconds)
 
     async def start(self) -> None:
         """Check Redis is there and new enough; load the scripts."""
         where = self.config.redacted_redis_addr
         try:
-            version = await self.server_version()
-            await self.scripts.load(self.redis)
+            async with asyncio.timeout(self.config.redis_timeout):
+                version = await self.server_version()
+                await self.scripts.load(self.redis)
+        except TimeoutError as exc:
+            raise BrokerError(f"redis at {where}: {describe(exc, self.config.redis_timeout)}",
+                              transient=True) from exc
         except (RedisError, OSError) as exc:
-            raise BrokerError(f"redis at {where}: {exc}") from exc
+            raise BrokerError(f"redis at {where}: {describe(exc, self.config.redis_timeout)}",
+                              transient=is_transient(exc)) from exc
         if version < (6, 2):
             raise BrokerError(f"redis at {where} is {'.'.join(map(str, version))}; "
                               "task-job needs 6.2 or newer (BLMOVE)")
@@ -370,7 +435,7 @@ class Broker:
     async def claim_wait(self, source: str, processing: str, timeout: float) -> bytes | None:
         """One message moved to `processing`, waiting up to `timeout` seconds (BLMOVE)."""
         (moved,) = await self.claim_lane.execute(
-            [("BLMOVE", source, processing, "LEFT", "RIGHT", timeout)])
+            [("BLMOVE", source, processing, "LEFT", "RIGHT", timeout)], block=timeout)
         if isinstance(moved, Exception):
             raise moved
         return moved  # type: ignore[no-any-return]

@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from task_job import __version__
 from task_job.config import Config, load_config
+from task_job.broker import describe
 from task_job.errors import BrokerError, ConfigError, TaskJobError
 
 _GO_FLAG = re.compile(r"-([A-Za-z][A-Za-z0-9_]+)(=.*)?")
@@ -114,7 +115,7 @@ def run(config_path: str | None, redis_addr: str | None, queue_name: str | None,
     except TaskJobError as exc:
         fail(str(exc))
     except (RedisError, ConnectionError, OSError) as exc:
-        fail(f"redis at {config.redacted_redis_addr}: {exc}", code=1)
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout)}", code=1)
     finally:
         if server is not None:
             server.stop()
@@ -214,10 +215,13 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 @click.option("--cwd", metavar="DIR", help="Working directory inside cmd_dir.")
 @click.option("--stdin", "stdin_text", metavar="TEXT", help="Text fed to the task's stdin.")
 @click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
+@click.option("--wait-timeout", type=float, metavar="S",
+              help="With --wait: give up after S seconds (exit 124; the task runs on).")
 @click.argument("command", nargs=-1, required=True)
 def submit(config_path: str | None, redis_addr: str | None, queue_name: str | None,
            task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
-           cwd: str | None, stdin_text: str | None, wait: bool, command: tuple[str, ...]) -> None:
+           cwd: str | None, stdin_text: str | None, wait: bool, wait_timeout: float | None,
+           command: tuple[str, ...]) -> None:
     """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
     import shlex
 
@@ -235,7 +239,7 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
             click.echo(ident)
             if not wait:
                 return 0
-            return await _print_records(client, ident, follow=True, as_json=False)
+            return await _follow(client, ident, as_json=False, timeout=wait_timeout)
 
     sys.exit(_run_client(go, config))
 
@@ -269,6 +273,22 @@ async def _print_records(client: Any, task_id: str, *, follow: bool, as_json: bo
     return code
 
 
+async def _follow(client: Any, task_id: str, *, as_json: bool, timeout: float | None) -> int:
+    """Follow a task to its done record, saying plainly when the id is unknown so far."""
+    kind, _ = await client.whereabouts(task_id)
+    if kind == "unknown":
+        click.echo(f"task-job: {task_id} has no state yet (queued, not pushed, expired or "
+                   "dead-lettered); waiting for it", err=True)
+    try:
+        async with asyncio.timeout(timeout):
+            return await _print_records(client, task_id, follow=True, as_json=as_json)
+    except TimeoutError:
+        kind, status = await client.whereabouts(task_id)
+        click.echo(f"task-job: gave up waiting after {timeout:g}s; {task_id} is "
+                   f"{status or 'unknown'}", err=True)
+        return 124
+
+
 def _run_client(go: Any, config: Config) -> int:
     try:
         return int(asyncio.run(go()))
@@ -276,8 +296,10 @@ def _run_client(go: Any, config: Config) -> int:
         return 130
     except TaskJobError as exc:
         fail(str(exc))
+    except TimeoutError as exc:
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout)}", code=1)
     except (RedisError, ConnectionError, OSError) as exc:
-        fail(f"redis at {config.redacted_redis_addr}: {exc}", code=1)
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout)}", code=1)
 
 
 @cli.command()
@@ -294,8 +316,17 @@ def kill(config_path: str | None, redis_addr: str | None, queue_name: str | None
         from task_job.client import Client
 
         async with Client(config) as client:
+            kind, status = await client.whereabouts(task_id)
+            if kind == "finished":
+                click.echo(f"task-job: {task_id} already finished ({status}): nothing to kill",
+                           err=True)
+                return 1
             await client.kill(task_id)
-        click.echo(f"kill sent for {task_id}")
+        if kind == "unknown":
+            click.echo(f"kill sent for {task_id}: no such task yet; it is cancelled if it "
+                       f"arrives within cancel_ttl ({config.cancel_ttl}s)")
+        else:
+            click.echo(f"kill sent for {task_id} ({status})")
         return 0
 
     sys.exit(_run_client(go, config))
@@ -307,9 +338,10 @@ def kill(config_path: str | None, redis_addr: str | None, queue_name: str | None
 @queue_option
 @click.option("-f", "--follow", is_flag=True, help="Stream live until the task is done.")
 @click.option("--json", "as_json", is_flag=True, help="Print raw records.")
+@click.option("--timeout", type=float, metavar="S", help="With -f: give up after S seconds (exit 124).")
 @click.argument("task_id")
 def logs(config_path: str | None, redis_addr: str | None, queue_name: str | None,
-         follow: bool, as_json: bool, task_id: str) -> None:
+         follow: bool, as_json: bool, timeout: float | None, task_id: str) -> None:
     """Print a task's output (stdout to stdout, stderr to stderr)."""
     config = _client_config(config_path, redis_addr, queue_name)
 
@@ -317,7 +349,17 @@ def logs(config_path: str | None, redis_addr: str | None, queue_name: str | None
         from task_job.client import Client
 
         async with Client(config) as client:
-            return await _print_records(client, task_id, follow=follow, as_json=as_json)
+            if follow:
+                return await _follow(client, task_id, as_json=as_json, timeout=timeout)
+            kind, status = await client.whereabouts(task_id)
+            code = await _print_records(client, task_id, follow=False, as_json=as_json)
+            if kind == "unknown":
+                click.echo(f"task-job: unknown task {task_id}: no state and no records (never "
+                           "claimed, expired, or dead-lettered without an id)", err=True)
+                return 1
+            if kind != "finished":
+                click.echo(f"task-job: {task_id} is {status}; -f follows it", err=True)
+            return code
 
     sys.exit(_run_client(go, config))
 
@@ -356,9 +398,8 @@ def check_config(path: str) -> None:
     """Validate a config file; print the effective settings."""
     config = _load(path)
     click.echo(f"ok: {path}")
-    for field in dataclasses.fields(config):
-        value = config.redacted_redis_addr if field.name == "redis_addr" else getattr(config, field.name)
-        click.echo(f"  {field.name} = {value!r}")
+    for name, value in config.redacted().items():
+        click.echo(f"  {name} = {value!r}")
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from task_job.broker import Broker
 from task_job.config import Config
-from task_job.protocol import Record, build_control, build_task, parse_record
+from task_job.errors import ProtocolError
+from task_job.protocol import Record, build_control, build_task, parse_record, parse_task
 
 
 class Client:
@@ -54,6 +55,13 @@ class Client:
         task_id = task_id or uuid.uuid4().hex
         message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
                              env=env, cwd=cwd, stdin=stdin, on_lost=on_lost)
+        # The executor's own checks, before anything is pushed: a message it would reject
+        # (an id too long or with control characters, an oversize message) never leaves here.
+        parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
+        status = await self.broker.redis.hget(self.keys.task(task_id), "status")
+        if status is not None:
+            raise ProtocolError(f"task id {task_id!r} is already known ({status.decode()}): "
+                                "an id runs at most once; choose another", task_id)
         await self.broker.redis.rpush(self.keys.queue, message)
         return task_id
 
@@ -64,6 +72,18 @@ class Client:
     async def kill(self, task_id: str) -> None:
         """Ask the fleet to kill a task (or cancel it if it has not started)."""
         await self.broker.redis.rpush(self.keys.control, build_control(task_id))
+
+    async def whereabouts(self, task_id: str) -> tuple[str, str]:
+        """(kind, status) of an id: ('unknown', ''), ('pending', 'cancel_requested'),
+        ('running', 'running'), ('finished', status)."""
+        status = (await self.state(task_id)).get("status", "")
+        if not status:
+            return "unknown", ""
+        if status in ("cancel_requested", "requeued"):
+            return "pending", status
+        if status == "running":
+            return "running", status
+        return "finished", status
 
     async def state(self, task_id: str) -> dict[str, str]:
         raw = await self.broker.redis.hgetall(self.keys.task(task_id))

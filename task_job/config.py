@@ -104,11 +104,21 @@ class Config:
             return self.wait_replicas
         return 1 if self.redis_addr.startswith("sentinel://") else 0
 
+    def redacted(self) -> dict[str, Any]:
+        """Every setting, fit to print or log: passwords in URLs and header values hidden."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("redis_addr", "logs_http"):
+                value = redact_url(value)
+            elif f.name == "logs_http_headers":
+                value = {k: "***" for k in value}
+            out[f.name] = value
+        return out
+
     def __repr__(self) -> str:
-        shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
-        )
-        return f"Config(redis_addr={self.redacted_redis_addr!r}, {shown})"
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"Config({shown})"
 
 
 def redact_url(url: str) -> str:

@@ -25,7 +25,11 @@ class ProtocolError(TaskJobError, ValueError):
 
 
 class BrokerError(TaskJobError, ConnectionError):
-    """Redis could not be reached or answered unexpectedly."""
+    """Redis could not be reached or answered unexpectedly; `transient` when worth retrying."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ConfinementError(TaskJobError, PermissionError):

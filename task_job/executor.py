@@ -19,7 +19,7 @@ from typing import Any
 from task_job import __version__
 from task_job.broker import Broker
 from task_job.config import Config, cmd_dir_is_shared
-from task_job.errors import ConfinementError, ProtocolError
+from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
 from task_job.protocol import (
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # Seconds a BLMOVE waits. It bounds how long a stop waits for the claim loop, and how long
 # after freezing an executor can still claim (dead_after must be longer: see config).
 CLAIM_BLOCK = 1.0
+# Once stopping, how long a silent Redis may hold each remaining batch, so that SIGTERM ends
+# the process within drain_timeout + kill_grace and a few seconds.
+SHUTDOWN_DEADLINE = 2.0
 
 
 @dataclass
@@ -104,7 +107,7 @@ class Executor:
         self.link = Link()
         self.fleet = Fleet(self.broker, self.sink, config, self.link,
                            running_count=lambda: len(self.running),
-                           on_taken_over=self._taken_over)
+                           on_taken_over=self._taken_over, on_data_lost=self._adopt)
         self._settling: set[str] = set()  # ids whose done record is queued, not yet written
         self._claims = itertools.count()
         self._claim_prefix = f"{self.id}/{os.getpid()}/"  # claim tokens: unique per claim
@@ -142,7 +145,10 @@ class Executor:
                 "cmd_dir is writable by other users: anyone who can write there can run code "
                 "as this executor; use a dedicated root-owned directory",
                 extra={"cmd_dir": cfg.cmd_dir})
-        await self.broker.start()
+        if not await self._connect():
+            await self.broker.close()
+            log.info("executor stopped before redis answered", extra={"executor": self.id})
+            return
         if self._guard is not None:
             self._guard.start()
         await self.sink.replay_spools()
@@ -163,6 +169,7 @@ class Executor:
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
                 await self._claim_loop(tg)
+                self.broker.shorten_deadlines(SHUTDOWN_DEADLINE)
                 await self.fleet.mark("draining")
                 await self._drain()
                 for task in background:
@@ -180,6 +187,30 @@ class Executor:
             if self._guard is not None:
                 self._guard.close()
         log.info("executor stopped", extra={"executor": self.id, "claimed": self.claimed})
+
+    async def _connect(self) -> bool:
+        """Reach Redis, retrying with back-off while it is unreachable or silent; an error an
+        operator must fix (password, TLS, not Redis) raises. False when stopped meanwhile."""
+        attempt = 0
+        while True:
+            try:
+                await self.broker.start()
+                if attempt:
+                    log.warning("redis reachable; starting", extra={"executor": self.id})
+                return True
+            except BrokerError as exc:
+                if not exc.transient:
+                    raise
+                if not attempt:
+                    log.error("cannot reach redis; retrying with back-off",
+                              extra={"executor": self.id, "error": str(exc)})
+            attempt += 1
+            try:
+                async with asyncio.timeout(min(5.0, 0.2 * 2 ** min(attempt, 5))):
+                    await self._stopping.wait()
+                return False
+            except TimeoutError:
+                continue
 
     async def _drain(self) -> None:
         if self.running:
@@ -223,6 +254,16 @@ class Executor:
             except OSError as exc:
                 log.warning("could not prune task logs", extra={"error": repr(exc)})
             await asyncio.sleep(3600)
+
+    async def _adopt(self) -> None:
+        """Redis lost its data: restore the state and claims of the tasks running here."""
+        runs = list(self.running.values())
+        if runs:
+            adopted = await self.broker.call(
+                "adopt", [self.keys.processing(self.id), *(self.keys.task(tr.task.id) for tr in runs)],
+                [self.id, f"{time.time():.6f}", *(tr.task.raw for tr in runs)])
+            log.warning("running tasks adopted again after redis lost its data",
+                        extra={"executor": self.id, "tasks": adopted})
 
     def _taken_over(self) -> None:
         """Another executor settled our tasks while we were away: stop our copies of them."""

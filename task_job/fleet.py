@@ -9,7 +9,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -24,6 +24,8 @@ from task_job.sinks import RedisSink
 log = logging.getLogger(__name__)
 
 NETWORK_ERRORS = TRANSIENT_ERRORS
+STOP_DEADLINE = 2.0  # seconds each registry update at shutdown may wait for a silent Redis
+MARK_TTL = 7 * 86400  # a takeover mark waits this long for its executor to come back
 
 
 class Link:
@@ -69,7 +71,8 @@ class Fleet:
     """Registry entry, heartbeat and reaper of one executor."""
 
     def __init__(self, broker: Broker, sink: RedisSink, config: Config, link: Link,
-                 running_count: Callable[[], int], on_taken_over: Callable[[], None]) -> None:
+                 running_count: Callable[[], int], on_taken_over: Callable[[], None],
+                 on_data_lost: Callable[[], Awaitable[None]] | None = None) -> None:
         self.broker = broker
         self.sink = sink
         self.config = config
@@ -78,6 +81,7 @@ class Fleet:
         self.link = link
         self.running_count = running_count
         self.on_taken_over = on_taken_over
+        self.on_data_lost = on_data_lost or _nothing
         self.server_ms = 0
         self.takeovers = 0
 
@@ -94,18 +98,20 @@ class Fleet:
 
     async def mark(self, status: str) -> None:
         try:
-            await self.broker.redis.hset(self.keys.executor(self.id), "status", status)
-        except NETWORK_ERRORS as exc:
+            async with asyncio.timeout(STOP_DEADLINE):
+                await self.broker.redis.hset(self.keys.executor(self.id), "status", status)
+        except (*NETWORK_ERRORS, TimeoutError) as exc:
             log.warning("could not update the registry", extra={"error": repr(exc)})
 
     async def deregister(self) -> None:
         try:
-            async with self.broker.redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(self.keys.executors, self.id)
-                pipe.delete(self.keys.executor(self.id))
-                await pipe.execute()
-            await self.publish(self.id, "DOWN")
-        except NETWORK_ERRORS as exc:
+            async with asyncio.timeout(STOP_DEADLINE):
+                async with self.broker.redis.pipeline(transaction=True) as pipe:
+                    pipe.zrem(self.keys.executors, self.id)
+                    pipe.delete(self.keys.executor(self.id))
+                    await pipe.execute()
+                await self.publish(self.id, "DOWN")
+        except (*NETWORK_ERRORS, TimeoutError) as exc:
             log.warning("could not deregister", extra={"error": repr(exc)})
 
     async def publish(self, executor: str, status: str) -> None:
@@ -120,9 +126,16 @@ class Fleet:
 
     async def _beat(self, mode: str) -> bool:
         now_ms, present = await self.broker.call(
-            "heartbeat", [self.keys.executors, self.keys.executor(self.id)],
+            "heartbeat", [self.keys.executors, self.keys.executor(self.id),
+                          self.keys.taken_over(self.id)],
             [self.id, self.running_count(), mode])
         self.server_ms = int(now_ms)
+        if present == 2:
+            log.error("this executor's registry entry is gone without a takeover mark: redis "
+                      "lost its data; registering again, running tasks go on",
+                      extra={"executor": self.id})
+            await self.register()
+            await self.on_data_lost()
         return bool(present)
 
     async def heartbeat_loop(self) -> None:
@@ -174,8 +187,8 @@ class Fleet:
             task_keys = [keys.task(peek_id(raw) or "-") for raw in raws]
             result = await self.broker.call(
                 "takeover", [keys.executors, keys.processing(dead), keys.processing(self.id),
-                             keys.executor(dead), *task_keys],
-                [dead, self.id, int(self.config.dead_after * 1000), *raws])
+                             keys.executor(dead), keys.taken_over(dead), *task_keys],
+                [dead, self.id, int(self.config.dead_after * 1000), MARK_TTL, *raws])
             if result == b"alive":
                 return 0
             if result != b"changed":
@@ -236,6 +249,10 @@ class Fleet:
                           extra={"attempt": attempt})
         await self.sink.deliver_now(self.sink.finish(stream, outcome, raw=raw))
         log.info("task lost", extra={"task_id": task_id, "status": "lost", "reason": reason})
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _float(value: Any) -> float | None:

@@ -75,4 +75,4 @@ async def test_tasks_keep_running_after_redis_forgets_the_scripts(
     second = await client.submit("install.sh", ["two"])
     done = await wait_done(sync_redis, config, second)
     assert done.fields["status"] == "succeeded"
-    assert sync_redis.script_exists(*executor.executor.broker.scripts.sha.values()) == [True] * 9
+    assert sync_redis.script_exists(*executor.executor.broker.scripts.sha.values()) == [True] * 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,13 +189,32 @@ def test_check_config_accepts_the_example_and_hides_passwords(tmp_path: Path) ->
     assert result.returncode == 0 and "topsecret" not in result.stdout
 
 
-def test_unreachable_redis_fails_with_one_clear_line(tmp_path: Path, cmd_dir: Path) -> None:
+def test_unreachable_redis_client_fails_with_one_clear_line_and_run_retries(
+        tmp_path: Path, cmd_dir: Path) -> None:
     from task_job.embedded import free_port
 
-    result = cli("run", "--redis", f"127.0.0.1:{free_port()}", "--cmd-dir", str(cmd_dir),
-                 "--state-dir", str(tmp_path / "s"))
+    port = free_port()
+    result = cli("logs", "--redis", f"127.0.0.1:{port}", "some-id")
     assert result.returncode == 1
-    assert "task-job: redis at 127.0.0.1:" in result.stderr.strip().splitlines()[-1]
+    assert result.stderr.strip().splitlines() == [
+        f"task-job: redis at 127.0.0.1:{port}: connection refused (is redis-server running there?)"]
+    log = tmp_path / "run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "task_job.cli", "run", "--redis",
+                                 f"127.0.0.1:{port}", "--cmd-dir", str(cmd_dir), "--state-dir",
+                                 str(tmp_path / "s")], stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 20
+        while b"cannot reach redis" not in log.read_bytes():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_demo_runs_a_task_end_to_end_on_embedded_redis(tmp_path: Path) -> None:

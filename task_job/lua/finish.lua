@@ -39,7 +39,9 @@ end
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
 local mode = ARGV[1]
 if mode == 'own' then
-  if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
+  -- No state at all: Redis lost its data (a restart without persistence, a FLUSHALL) while
+  -- the task ran here; a running task's state never expires. Its done record is written.
+  if st[1] and (st[1] ~= 'running' or st[2] ~= ARGV[2]) then return 0 end
   if tonumber(st[3] or '-1') >= tonumber(ARGV[3]) then return 0 end
 elseif mode == 'new' then
   if st[1] then return 0 end

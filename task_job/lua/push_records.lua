@@ -11,6 +11,12 @@
 -- Records at or below the delivered seq are skipped, so a retried batch adds nothing twice.
 -- Returns the number of records added, or -1 when the task is not this executor's.
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
+if not st[1] then
+  -- Redis lost its data while the task ran here (a running task's state never expires):
+  -- the task is this executor's again, its records are kept.
+  redis.call('HSET', KEYS[3], 'status', 'running', 'executor', ARGV[1], 'seq', -1, 'attempt', 1)
+  st = {'running', ARGV[1], '-1'}
+end
 if st[1] ~= 'running' or st[2] ~= ARGV[1] then
   return -1
 end
