@@ -17,17 +17,18 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
     InvalidResponse,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job.config import Config, parse_sentinel
@@ -47,7 +48,9 @@ class RedisOutOfMemory(RedisConnectionError):
 
 
 def is_oom(result: Any) -> bool:
-    return isinstance(result, ResponseError) and str(result).startswith("OOM")
+    """An OOM error reply (redis-py strips the 'OOM' prefix into its own class)."""
+    return isinstance(result, OutOfMemoryError) or (
+        isinstance(result, ResponseError) and str(result).startswith("OOM"))
 
 
 BIG_CLAIM = 16 << 10  # claimed messages bigger than this are named by digest, not sent back
@@ -298,7 +301,7 @@ class Lane:
         except BaseException:
             await conn.disconnect()  # replies may be left unread: start afresh
             raise
-        if any(isinstance(r, ResponseError) and str(r).startswith("OOM") for r in results):
+        if any(isinstance(r, ResponseError) and is_oom(r) for r in results):
             results = [RedisOutOfMemory(str(r)) if is_oom(r) else r for r in results]
         if any(isinstance(r, TRANSIENT_ERRORS) for r in results):
             await conn.disconnect()  # e.g. READONLY: reconnect (Sentinel finds the master)
@@ -361,15 +364,16 @@ class Broker:
     """Redis for one executor or client: the keys of its queue, a client, the scripts."""
 
     def __init__(self, config: Config, *, client: aioredis.Redis | None = None,
-                 retries: int = 0) -> None:
+                 retries: int = 0, socket_timeout: float | None = None) -> None:
         self.config = config
         self.keys = Keys.for_config(config)
-        # No socket timeout: blocking commands wait longer than any read would; liveness of
-        # the socket is watched by TCP keepalive and by the blocking commands' own timeouts.
+        # The executor passes no socket timeout: redis-py's read timeout, nested in a task that
+        # is cancelled (the control loop at shutdown), could hold the cancellation until it
+        # expired. Its deadlines are its own instead (lanes, `deadline()` around the rest).
         # Typed Any on purpose: redis-py's asyncio annotations mix sync/async returns and
         # bytes/str unions; the values are checked where they are read instead.
         self.redis: Any = client or connect(
-            config.redis_addr, socket_timeout=config.redis_timeout + BLOCK_MAX,
+            config.redis_addr, socket_timeout=socket_timeout,
             socket_connect_timeout=min(5.0, config.redis_timeout),
             retry=Retry(ExponentialBackoff(cap=1.0), retries),
             tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
@@ -377,6 +381,10 @@ class Broker:
         self.scripts = Scripts()
         self.claim_lane = Lane(self.redis, config.redis_timeout)  # the claim loop's batches
         self.sink_lane = Lane(self.redis, config.redis_timeout)  # the sink's batches
+
+    def deadline(self, extra: float = 0.0) -> asyncio.Timeout:
+        """A deadline for one exchange with Redis (TimeoutError, an OSError, when it passes)."""
+        return asyncio.timeout(self.config.redis_timeout + extra)
 
     def shorten_deadlines(self, seconds: float) -> None:
         """At shutdown: a silent Redis may hold each remaining batch this long at most."""

@@ -19,8 +19,8 @@ import orjson
 from redis.exceptions import RedisError
 
 from task_job import __version__
-from task_job.config import Config, load_config
 from task_job.broker import describe
+from task_job.config import Config, load_config
 from task_job.errors import BrokerError, ConfigError, TaskJobError
 
 _GO_FLAG = re.compile(r"-([A-Za-z][A-Za-z0-9_]+)(=.*)?")
@@ -102,7 +102,9 @@ def run(config_path: str | None, redis_addr: str | None, queue_name: str | None,
     if embedded or config.redis_addr == "embedded":
         try:
             server = RedisServer(Path(config.state_dir) / "redis", unix_socket=True,
-                                 appendonly=True).start()
+                                 appendonly=True)
+            server.lock()
+            server.start()
         except (ConfigError, RuntimeError, OSError) as exc:
             fail(f"embedded redis: {exc}")
         config = dataclasses.replace(config, redis_addr=server.url)

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from task_job.broker import Broker
+from task_job.broker import BLOCK_MAX, Broker
 from task_job.config import Config
 from task_job.errors import ProtocolError
 from task_job.protocol import Record, build_control, build_task, parse_record, parse_task
@@ -33,7 +33,7 @@ class Client:
         self.config = config
         # Retries, unlike the executor: a push repeated after a lost reply at worst makes a
         # duplicate id, which executors dead-letter and never run twice.
-        self.broker = Broker(config, retries=3)
+        self.broker = Broker(config, retries=3, socket_timeout=config.redis_timeout + BLOCK_MAX)
         self.keys = self.broker.keys
 
     async def __aenter__(self) -> Client:
@@ -59,7 +59,7 @@ class Client:
         # (an id too long or with control characters, an oversize message) never leaves here.
         parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
         status = await self.broker.redis.hget(self.keys.task(task_id), "status")
-        if status is not None:
+        if status is not None and status != b"cancel_requested":  # a kill waiting for it is fine
             raise ProtocolError(f"task id {task_id!r} is already known ({status.decode()}): "
                                 "an id runs at most once; choose another", task_id)
         await self.broker.redis.rpush(self.keys.queue, message)

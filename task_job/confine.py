@@ -391,15 +391,15 @@ class Policy:
         # As the original ran every command (`bash <cmd_dir>/<cmdline> <args>`): a script
         # without the executable bit or a shebang runs through script_interpreter.
         if facts.elf or not self.script_interpreter:
-            why = "not executable" if not facts.executable else "has no '#!' line"
-            raise ConfinementError(f"command {word!r} is {why}" if not facts.executable
-                                   else f"command {word!r} {why} and script_interpreter is off")
-        found = _script_interpreter(self.script_interpreter, self.path_env)
-        if found is None:
+            if not facts.executable:
+                raise ConfinementError(f"command {word!r} is not executable")
+            raise ConfinementError(f"command {word!r} has no '#!' line and script_interpreter is off")
+        fallback = _script_interpreter(self.script_interpreter, self.path_env)
+        if fallback is None:
             raise ConfinementError(
                 f"script_interpreter {self.script_interpreter!r} is not found on PATH")
-        self._check_args(found[1], facts.path, args)
-        return [found[0], facts.path, *args], workdir
+        self._check_args(fallback[1], facts.path, args)
+        return [fallback[0], facts.path, *args], workdir
 
     def _as_interpreter(self, word: str) -> tuple[str, str] | None:
         if "/" not in word:

@@ -5,6 +5,7 @@ Used by `task-job run --embedded`, by the tests and by the benchmarks; stops onl
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -51,6 +52,7 @@ class RedisServer:
         self.appendonly = appendonly
         self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd = -1
 
     @property
     def socket_path(self) -> Path:
@@ -70,6 +72,24 @@ class RedisServer:
         if self.unix_socket:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         return [*args, *self.extra_args]
+
+    def lock(self) -> None:
+        """Hold this directory for one server: a second `run --embedded` on the same state_dir
+        would start another redis-server on the same socket and data, and its exit would
+        delete the first one's socket. Raises RuntimeError naming the holder."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / "server.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RuntimeError(
+                f"another task-job (pid {holder}) already runs an embedded redis in "
+                f"{self.directory}; stop it, or use its address (--redis {self.url})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -105,6 +125,7 @@ class RedisServer:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
         """Stop our own redis-server by its pid (SIGTERM saves the AOF; SIGKILL after timeout)."""
         if self.proc is None or self.proc.poll() is not None:
+            self._unlock()
             return
         self.proc.send_signal(sig)
         try:
@@ -112,6 +133,12 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = -1
 
     def __enter__(self) -> RedisServer:
         return self.start()

@@ -19,6 +19,7 @@ from typing import Any
 from task_job import __version__
 from task_job.broker import Broker
 from task_job.config import Config, cmd_dir_is_shared
+from task_job.confine import EnvPolicy, Policy
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
@@ -31,7 +32,6 @@ from task_job.protocol import (
     parse_control,
     parse_task,
 )
-from task_job.confine import EnvPolicy, Policy
 from task_job.runner import Ending, Guard, Run, RunResult
 from task_job.sinks import RedisSink, TaskStream
 
@@ -152,9 +152,11 @@ class Executor:
         if self._guard is not None:
             self._guard.start()
         await self.sink.replay_spools()
-        await self.fleet.register()
+        async with self.broker.deadline():
+            await self.fleet.register()
         self.link.up("start")
-        await self._settle_leftovers()
+        async with self.broker.deadline():
+            await self._settle_leftovers()
         log.info("executor started", extra={
             "executor": self.id, "queue": cfg.queue_name, "redis": cfg.redacted_redis_addr,
             "slots": cfg.max_concurrency, "cmd_dir": cfg.cmd_dir, "version": __version__})
@@ -170,7 +172,8 @@ class Executor:
                     background.append(tg.create_task(self._prune_loop()))
                 await self._claim_loop(tg)
                 self.broker.shorten_deadlines(SHUTDOWN_DEADLINE)
-                await self.fleet.mark("draining")
+                if self.link.connected_for() > 0:  # known unreachable: not worth a wait
+                    await self.fleet.mark("draining")
                 await self._drain()
                 for task in background:
                     task.cancel()
@@ -182,7 +185,8 @@ class Executor:
                     self.http.close()
                     await http
         finally:
-            await self.fleet.deregister()
+            if self.link.connected_for() > 0:
+                await self.fleet.deregister()
             await self.broker.close()
             if self._guard is not None:
                 self._guard.close()
@@ -297,7 +301,8 @@ class Executor:
                 elif raws:
                     await self._claimed(raws, tg)
                 if attempt:
-                    await self._reconcile()
+                    async with self.broker.deadline(self.config.redis_timeout):
+                        await self._reconcile()
                 self.link.up("claiming")
                 attempt = 0
             except NETWORK_ERRORS as exc:
@@ -446,7 +451,8 @@ class Executor:
         attempt = 0
         while True:
             try:
-                item = await redis.blpop([self.keys.control, inbox], CLAIM_BLOCK)
+                async with self.broker.deadline(CLAIM_BLOCK):
+                    item = await redis.blpop([self.keys.control, inbox], CLAIM_BLOCK)
                 self.link.up("control")
                 attempt = 0
             except NETWORK_ERRORS as exc:
@@ -458,7 +464,8 @@ class Executor:
                 continue
             key, raw = item
             try:
-                await self._control(raw, routed=key.decode() == inbox)
+                async with self.broker.deadline():
+                    await self._control(raw, routed=key.decode() == inbox)
             except Exception as exc:  # bad luck or a bug: log it, keep serving
                 log.warning("control message not handled", extra={"error": repr(exc)})
 

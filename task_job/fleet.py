@@ -100,7 +100,7 @@ class Fleet:
         try:
             async with asyncio.timeout(STOP_DEADLINE):
                 await self.broker.redis.hset(self.keys.executor(self.id), "status", status)
-        except (*NETWORK_ERRORS, TimeoutError) as exc:
+        except NETWORK_ERRORS as exc:  # TimeoutError is an OSError
             log.warning("could not update the registry", extra={"error": repr(exc)})
 
     async def deregister(self) -> None:
@@ -111,7 +111,7 @@ class Fleet:
                     pipe.delete(self.keys.executor(self.id))
                     await pipe.execute()
                 await self.publish(self.id, "DOWN")
-        except (*NETWORK_ERRORS, TimeoutError) as exc:
+        except NETWORK_ERRORS as exc:  # TimeoutError is an OSError
             log.warning("could not deregister", extra={"error": repr(exc)})
 
     async def publish(self, executor: str, status: str) -> None:
@@ -142,12 +142,15 @@ class Fleet:
         while True:
             await asyncio.sleep(self.config.heartbeat_interval)
             try:
-                if not await self._beat("beat"):
+                async with self.broker.deadline():
+                    present = await self._beat("beat")
+                if not present:
                     log.error("this executor was declared dead and its tasks taken over while "
                               "it was away; stopping its running tasks and registering again",
                               extra={"executor": self.id})
                     self.on_taken_over()
-                    await self.register()
+                    async with self.broker.deadline():
+                        await self.register()
                 self.link.up("heartbeat")
             except NETWORK_ERRORS as exc:
                 self.link.down("heartbeat", exc)
@@ -163,7 +166,8 @@ class Fleet:
             if self.link.connected_for() < self.config.dead_after:
                 continue
             try:
-                await self.reap()
+                async with self.broker.deadline(self.config.redis_timeout * 2):
+                    await self.reap()
             except NETWORK_ERRORS as exc:
                 self.link.down("takeover", exc)
             except Exception:

@@ -23,6 +23,7 @@ from task_job.broker import (
     claim_ref,
     is_oom,
 )
+from task_job.files import DiskErrors
 from task_job.protocol import (
     MsgType,
     Outcome,
@@ -31,7 +32,6 @@ from task_job.protocol import (
     build_done_record,
     build_output_record,
 )
-from task_job.files import DiskErrors
 from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ BATCH_BYTES = 1 << 20
 OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
 RETRY_CAP = 5.0
 SPILL_RETRY = 1.0  # seconds between attempts to spool to a disk that refused
-NETWORK_ERRORS = (*TRANSIENT_ERRORS, RedisOutOfMemory)
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RedisOutOfMemory)
 
 
 @dataclass(slots=True)

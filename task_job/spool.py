@@ -12,8 +12,8 @@ import binascii
 import fcntl
 import logging
 import os
-import shutil
 import re
+import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from task_job.errors import ConfinementError
 from task_job.confine import confine
+from task_job.errors import ConfinementError
 
 INTERPRETERS = ("sh", "bash", "python3", "perl")
 

@@ -242,7 +242,9 @@ async def test_duplicate_id_is_rejected_not_run_twice(
     counter = tmp_path / "runs"
     await client.submit("count.sh", [str(counter)], task_id="dup")
     await wait_done(sync_redis, config, "dup")
-    await client.submit("count.sh", [str(counter)], task_id="dup")
+    # A producer pushing the raw message again (the client itself refuses a known id).
+    await client.push_raw(orjson.dumps({"id": "dup", "task": {"cmdline": "count.sh",
+                                                              "cmd_args": [str(counter)]}}))
     await wait_until(lambda: dead_letters(sync_redis, config), what="dead letter")
     assert counter.read_text() == "run\n"
     assert len(done_of(sync_redis, config, "dup")) == 1

@@ -168,7 +168,8 @@ async def test_a_done_record_queued_while_the_closing_sink_retries_the_spool_is_
 
     async def finish_during_the_attempt(commands: Any) -> Any:
         if not sink._closing:  # the done record arrives while the attempt is under way
-            sink.finish(stream, Outcome(Status.REJECTED, "rejected: test"), raw=b"{}", mode="new")
+            # mode "own": a task with output (a rejected message, mode "new", has none)
+            sink.finish(stream, Outcome(Status.FAILED, "exit status 1"), raw=b"{}", mode="own")
             sink.close()
         return await send(commands)
 
@@ -182,5 +183,5 @@ async def test_a_done_record_queued_while_the_closing_sink_retries_the_spool_is_
     await RedisSink(replayer, "e2", config.buffer_bytes, _spool_dir=spool_dir).replay_spools()
     await replayer.close()
     r = redis.Redis.from_url(own_redis.url)
-    assert [rec.fields["status"] for rec in done_of(r, config, "t1")] == ["rejected"]
+    assert [rec.fields["status"] for rec in done_of(r, config, "t1")] == ["failed"]
     r.close()
