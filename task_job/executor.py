@@ -170,6 +170,8 @@ class Executor:
                               tg.create_task(self._control_loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
+                if cfg.dead_max_len or cfg.logs_max_len:
+                    background.append(tg.create_task(self._caps_loop()))
                 await self._claim_loop(tg)
                 self.broker.shorten_deadlines(SHUTDOWN_DEADLINE)
                 if self.link.connected_for() > 0:  # known unreachable: not worth a wait
@@ -268,6 +270,29 @@ class Executor:
                 [self.id, f"{time.time():.6f}", *(tr.task.raw for tr in runs)])
             log.warning("running tasks adopted again after redis lost its data",
                         extra={"executor": self.id, "tasks": adopted})
+
+    async def _caps_loop(self) -> None:
+        """Log once when a capped list reaches its cap (its oldest entries now go), and once
+        when it is below it again: the caps themselves are applied by the scripts."""
+        cfg = self.config
+        caps = [(key, cap, name) for key, cap, name in (
+            (self.keys.dead, cfg.dead_max_len, "dead_max_len"),
+            (self.keys.logs, cfg.logs_max_len, "logs_max_len")) if cap]
+        biting: set[str] = set()
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval)
+            try:
+                async with self.broker.deadline():
+                    lengths = [await self.broker.redis.llen(key) for key, _, _ in caps]
+            except NETWORK_ERRORS:
+                continue
+            for (key, cap, name), length in zip(caps, lengths, strict=True):
+                if length >= cap and name not in biting:
+                    biting.add(name)
+                    log.warning(f"{name} reached: the oldest entries of {key} are dropped",
+                                extra={"list": key, "cap": cap})
+                elif length < cap and name in biting:
+                    biting.discard(name)
 
     def _taken_over(self) -> None:
         """Another executor settled our tasks while we were away: stop our copies of them."""

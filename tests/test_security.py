@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -315,3 +319,51 @@ def test_env_policy_denies_by_family_whatever_the_allow_list() -> None:
     assert narrowed.refusal("LD_PRELOAD", "x") is not None  # deny wins over allow
     assert narrowed.refusal("MODE", "ci") is None
     assert narrowed.refusal("OTHER", "x") is not None
+
+
+def _interpreter_for(uid: int) -> str | None:
+    """A Python of this minor version that `uid` may run (this one may live under /root)."""
+    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for candidate in (sys.executable, os.path.realpath(sys.executable), f"/usr/bin/{minor}",
+                      f"/usr/local/bin/{minor}"):
+        # The tests start `sys.executable` again (executors, the guard): it must be runnable
+        # by that user under its own name, not only found through a symlink.
+        probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                                candidate, "-c", "import os, sys; "
+                                "sys.exit(0 if os.access(sys.executable, os.X_OK) else 1)"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.skipif(os.environ.get("TASK_JOB_TEST_UNPRIVILEGED") == "1",
+                    reason="this run is the unprivileged one")
+def test_the_same_attacks_fail_when_everything_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
+    """Reruns this module as nobody (uid 65534): executor, scripts, proof files and all."""
+    if os.geteuid() != 0:
+        pytest.skip("not root: this run is the unprivileged one already")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is missing: cannot drop to an unprivileged user")
+    nobody = 65534
+    python = _interpreter_for(nobody)
+    if python is None:
+        pytest.skip(f"no python{sys.version_info[0]}.{sys.version_info[1]} that uid {nobody} may run")
+    home = tmp_path / "nobody"
+    home.mkdir()
+    os.chown(home, nobody, nobody)
+    tmp_path.chmod(0o755)
+    for parent in tmp_path.parents:  # pytest's own base directory is private to root
+        if str(parent).startswith(tempfile.gettempdir() + os.sep):
+            parent.chmod(parent.stat().st_mode | 0o005)
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    root = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", python, "-m",
+         "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(home / "bt"),
+         str(Path(__file__).resolve())],
+        capture_output=True, text=True, timeout=240, cwd=root,
+        env={**os.environ, "HOME": str(home), "PYTHONDONTWRITEBYTECODE": "1",
+             "PYTHONPATH": os.pathsep.join([*site, root]), "TASK_JOB_TEST_UNPRIVILEGED": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
