@@ -277,7 +277,11 @@ class Lane:
         self._expired = False
         self._watchdog: asyncio.Task[None] | None = None
 
-    async def execute(self, commands: Sequence[Sequence[Any]], block: float = 0.0) -> list[Any]:
+    async def execute(self, commands: Sequence[Sequence[Any]], block: float = 0.0,
+                      bulk_limit: int = 0) -> list[Any]:
+        """The batch's replies in order. With `bulk_limit`, the commands must answer with a bulk
+        string or nil (LMOVE, BLMOVE): a string longer than the limit is not read into memory
+        but streamed past, and comes back as an `Oversize` (prefix, size, digest)."""
         async with self._lock:
             if self._conn is None:
                 self._conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
@@ -287,7 +291,7 @@ class Lane:
             self._waiter = asyncio.current_task()
             self._deadline = time.monotonic() + self.timeout + block
             try:
-                return await self._execute(conn, commands)
+                return await self._execute(conn, commands, bulk_limit)
             except asyncio.CancelledError:
                 if not self._expired:
                     raise
@@ -311,7 +315,8 @@ class Lane:
                 self._expired = True
                 self._waiter.cancel()
 
-    async def _execute(self, conn: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def _execute(self, conn: Any, commands: Sequence[Sequence[Any]], bulk_limit: int = 0
+                       ) -> list[Any]:
         try:
             if not conn.is_connected:
                 # connect() itself: a Sentinel-managed connection finds the master there
@@ -319,7 +324,10 @@ class Lane:
                 await conn.connect()
             await conn.send_packed_command(_pack(conn, commands), check_health=False)
             reader = _replies_reader(conn)
-            if reader is not None:
+            stream = getattr(conn, "_reader", None)
+            if bulk_limit and stream is not None and (reader is None or not reader.has_data()):
+                results = await _read_bulks(conn, stream, len(commands), bulk_limit)
+            elif reader is not None:
                 results = await _read_replies(conn._parser, reader, len(commands))
             else:
                 results = []
@@ -382,6 +390,75 @@ async def _read_replies(parser: Any, reader: Any, count: int) -> list[Any]:
             raise reply
         results.append(reply)
     return results
+
+
+@dataclass(frozen=True, slots=True)
+class Oversize:
+    """A claimed message too big to be read: its first bytes, its size and its SHA-1."""
+
+    prefix: bytes
+    size: int
+    digest: str
+
+    @property
+    def ref(self) -> bytes:
+        """How settling scripts find it in a processing list (see claim_ref)."""
+        return b"sha1:%s:%d" % (self.digest.encode(), self.size)
+
+
+OVERSIZE_PREFIX = 64 << 10
+_CHUNK = 1 << 16
+
+
+async def _read_bulks(conn: Any, stream: asyncio.StreamReader, count: int, limit: int) -> list[Any]:
+    """`count` bulk-string (or nil, or error) replies read off the stream directly, so that a
+    string over `limit` bytes costs a 64 KiB prefix and a digest instead of its size twice (in
+    the parser's buffer and as bytes). Costs about as much as the hiredis path for the small
+    replies of a claim."""
+    results: list[Any] = []
+    for _ in range(count):
+        try:
+            head = await stream.readuntil(b"\r\n")
+        except asyncio.IncompleteReadError as exc:
+            raise RedisConnectionError("connection closed by the server") from exc
+        kind = head[:1]
+        if kind == b"$":
+            size = int(head[1:-2])
+            if size < 0:
+                results.append(None)
+            elif size <= limit:
+                try:
+                    results.append((await stream.readexactly(size + 2))[:-2])
+                except asyncio.IncompleteReadError as exc:
+                    raise RedisConnectionError("connection closed by the server") from exc
+            else:
+                results.append(await _skip_bulk(stream, size))
+        elif kind == b"_":
+            results.append(None)
+        elif kind == b"-":
+            results.append(conn._parser.parse_error(head[1:-2].decode("utf-8", "replace")))
+        else:
+            raise InvalidResponse(f"unexpected reply to a claim: {head[:32]!r}")
+    return results
+
+
+async def _skip_bulk(stream: asyncio.StreamReader, size: int) -> Oversize:
+    digest = hashlib.sha1()
+    prefix = bytearray()
+    left = size
+    while left:
+        chunk = await stream.read(min(left, _CHUNK))
+        if not chunk:
+            raise RedisConnectionError("connection closed by the server")
+        digest.update(chunk)
+        if len(prefix) < OVERSIZE_PREFIX:
+            prefix += chunk[:OVERSIZE_PREFIX - len(prefix)]
+        left -= len(chunk)
+    try:
+        await stream.readexactly(2)
+    except asyncio.IncompleteReadError as exc:
+        raise RedisConnectionError("connection closed by the server") from exc
+    return Oversize(bytes(prefix), size, digest.hexdigest())
 
 
 _hiredis_pack: Any = None
@@ -473,19 +550,21 @@ class Broker:
                 raise RedisConnectionError("scripts missing right after loading them")
         return results
 
-    async def claim_wait(self, source: str, processing: str, timeout: float) -> bytes | None:
+    async def claim_wait(self, source: str, processing: str, timeout: float) -> bytes | Oversize | None:
         """One message moved to `processing`, waiting up to `timeout` seconds (BLMOVE)."""
         (moved,) = await self.claim_lane.execute(
-            [("BLMOVE", source, processing, "LEFT", "RIGHT", timeout)], block=timeout)
+            [("BLMOVE", source, processing, "LEFT", "RIGHT", timeout)], block=timeout,
+            bulk_limit=self.config.max_message_bytes)
         if isinstance(moved, Exception):
             raise moved
         return moved  # type: ignore[no-any-return]
 
-    async def claim_now(self, source: str, processing: str, count: int) -> list[bytes]:
+    async def claim_now(self, source: str, processing: str, count: int) -> list[bytes | Oversize]:
         """Up to `count` queued messages moved to `processing` in one round trip (LMOVE each,
         no blocking); fewer when the queue runs out."""
         moved = await self.claim_lane.execute(
-            [("LMOVE", source, processing, "LEFT", "RIGHT")] * count)
+            [("LMOVE", source, processing, "LEFT", "RIGHT")] * count,
+            bulk_limit=self.config.max_message_bytes)
         for result in moved:
             if isinstance(result, Exception):
                 raise result

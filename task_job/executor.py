@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from task_job import __version__
-from task_job.broker import Broker
+from task_job.broker import Broker, Oversize
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.confine import EnvPolicy, Policy
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
@@ -322,7 +322,10 @@ class Executor:
                 if raws and self._stopping.is_set():
                     # Claims in flight when the stop came: give them back, in their places.
                     for raw in reversed(raws):
-                        await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
+                        if isinstance(raw, Oversize):
+                            self._reject_oversize(raw)
+                        else:
+                            await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
                 elif raws:
                     await self._claimed(raws, tg)
                 if attempt:
@@ -341,11 +344,14 @@ class Executor:
                 attempt += 1
                 await backoff(attempt)
 
-    async def _claimed(self, raws: list[bytes], tg: asyncio.TaskGroup) -> None:
+    async def _claimed(self, raws: list[bytes | Oversize], tg: asyncio.TaskGroup) -> None:
         """Begin the claimed messages (one round trip for all) and start what may run."""
         self.claimed += len(raws)
         claims: list[tuple[bytes, Task, str]] = []
         for raw in raws:
+            if isinstance(raw, Oversize):
+                self._reject_oversize(raw)
+                continue
             try:
                 task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
             except ProtocolError as exc:
@@ -402,6 +408,11 @@ class Executor:
         stream = self.sink.open_stream(RecordHead(task_id, None, None, self.id))
         self._track(self.sink.finish(stream, Outcome(Status.REJECTED, f"rejected: {reason}"),
                                      raw=raw, mode="new", dead_reason=reason))
+
+    def _reject_oversize(self, claim: Oversize) -> None:
+        reason = f"message of {claim.size} bytes exceeds the limit of {self.config.max_message_bytes}"
+        log.warning("rejected message", extra={"status": "rejected", "reason": reason})
+        self._track(self.sink.dead_letter_oversize(claim, reason))
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         future.add_done_callback(_log_failure)

@@ -386,20 +386,22 @@ DEAD_RAW_MAX_BYTES = 64 << 10
 
 
 def build_dead_entry(raw: bytes, reason: str, executor: str, ts: float,
-                     keep: int = DEAD_RAW_MAX_BYTES) -> bytes:
+                     keep: int = DEAD_RAW_MAX_BYTES, size: int | None = None) -> bytes:
     """A dead-letter entry: why the message was refused, its size, and the message itself
     (text or base64) up to `keep` bytes (`"truncated": true` when cut), so that an oversize
-    message is not stored whole a second time."""
-    entry: dict[str, Any] = {"reason": reason, "executor": executor, "ts": ts, "size": len(raw)}
+    message is not stored whole a second time. `size`: the whole message's, when `raw` is
+    only its beginning."""
+    size = len(raw) if size is None else size
+    entry: dict[str, Any] = {"reason": reason, "executor": executor, "ts": ts, "size": size}
     kept = raw[:keep]
     try:
         entry["raw"] = kept.decode("utf-8")
     except UnicodeDecodeError as exc:
-        if len(kept) < len(raw) and exc.start >= len(kept) - 3:  # a character cut in two
+        if len(kept) < size and exc.start >= len(kept) - 3:  # a character cut in two
             entry["raw"] = kept[:exc.start].decode("utf-8", "replace")
         else:
             entry["raw"] = base64.b64encode(kept).decode("ascii")
             entry["encoding"] = "base64"
-    if len(kept) < len(raw):
+    if len(kept) < size:
         entry["truncated"] = True
     return orjson.dumps(entry)

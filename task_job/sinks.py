@@ -19,6 +19,7 @@ from task_job.broker import (
     TRANSIENT_ERRORS,
     WAIT_TIMEOUT_MS,
     Broker,
+    Oversize,
     RedisOutOfMemory,
     claim_ref,
     is_oom,
@@ -193,6 +194,15 @@ class RedisSink:
         ref = claim_ref(raw) if claimed else b""
         return self._script("dead_letter", [keys.processing(self.executor), keys.dead],
                             [ref, entry, self.broker.config.dead_max_len], len(ref) + len(entry))
+
+    def dead_letter_oversize(self, claim: Oversize, reason: str) -> asyncio.Future[Any]:
+        """Dead-letter a claimed message that was never read whole: its prefix, size and reason
+        go to the list, the claim is found in the processing list by its digest."""
+        keys = self.broker.keys
+        entry = build_dead_entry(claim.prefix, reason, self.executor, time.time(), size=claim.size)
+        return self._script("dead_letter", [keys.processing(self.executor), keys.dead],
+                            [claim.ref, entry, self.broker.config.dead_max_len],
+                            len(claim.ref) + len(entry))
 
     def _script(self, name: str, keys: list[str], args: list[Any], size: int) -> asyncio.Future[Any]:
         # Settling ops are small and never wait for space: they must not deadlock behind

@@ -537,3 +537,28 @@ def test_a_second_embedded_server_on_one_state_dir_refuses_to_start(
     assert sock.exists() and first.proc.poll() is None
     with redis.Redis(unix_socket_path=str(sock)) as r:
         assert r.ping()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_an_oversize_message_is_streamed_past_not_held_in_memory(
+        config: Config, sync_redis: redis.Redis, spawn_executor: Any, tmp_path: Path) -> None:
+    proc = spawn_executor("run", "--redis", config.redis_addr, "--cmd-dir", config.cmd_dir,
+                          "--state-dir", str(tmp_path / "st"), "--executor-id", "big-1")
+    keys = Keys.for_config(config)
+    await wait_until(lambda: sync_redis.zscore(keys.executors, "big-1") is not None, 15)
+    before = _peak_rss_mb(proc.pid)
+    size = 48 << 20
+    sync_redis.rpush(config.queue_name, b'{"id":"big","tube":"' + b"t" * size + b'"}')
+    await wait_until(lambda: sync_redis.llen(keys.dead), 30, what="the big message dead-lettered")
+    entry = dead_letters(sync_redis, config)[0]
+    assert entry["size"] > size and entry["truncated"] and len(entry["raw"]) <= 64 << 10
+    assert _peak_rss_mb(proc.pid) - before < 16, "the executor held the message in memory"
+    assert sync_redis.llen(keys.processing("big-1")) == 0
+    after = push(sync_redis, config, "install.sh")
+    assert (await wait_done(sync_redis, config, after)).fields["status"] == "succeeded"
