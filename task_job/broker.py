@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -124,8 +125,12 @@ class Scripts:
     def __init__(self) -> None:
         self.source: dict[str, str] = {}
         self.sha: dict[str, str] = {}
+        lua = resources.files("task_job").joinpath("lua")
         for name in SCRIPT_NAMES:
-            text = resources.files("task_job").joinpath(f"lua/{name}.lua").read_text("utf-8")
+            text = lua.joinpath(f"{name}.lua").read_text("utf-8")
+            # `--!include file.lua` lines take that file's text (code shared by scripts).
+            text = re.sub(r"^--!include (\S+)$",
+                          lambda m: lua.joinpath(m.group(1)).read_text("utf-8"), text, flags=re.M)
             self.source[name] = text
             self.sha[name] = hashlib.sha1(text.encode("utf-8")).hexdigest()
 

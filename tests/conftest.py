@@ -52,6 +52,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 @pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, with an append-only file, that the test may stop."""
+    server = RedisServer(tmp_path / "own-redis", appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def volatile_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own that keeps nothing on disk: a restart empties it."""
+    server = RedisServer(tmp_path / "volatile-redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> Iterator[str]:
     with redis.Redis.from_url(redis_server.url) as r:
         r.flushall()

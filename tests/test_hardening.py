@@ -35,20 +35,6 @@ from .conftest import dead_letters, done_of, records_of, wait_done, wait_until
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "own-redis").start()  # keeps nothing on disk
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "aof-redis", appendonly=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, int], Path]]:
     """Mount small tmpfs file systems where the test can (root); unmount them after."""
     mounted: list[Path] = []
@@ -99,22 +85,22 @@ async def test_a_full_log_dir_neither_stops_the_executor_nor_changes_a_status(
 
 
 async def test_a_full_state_dir_during_an_outage_keeps_records_in_memory_until_redis_returns(
-        aof_redis: RedisServer, make_config: Callable[..., Config], start_executor: Any,
+        own_redis: RedisServer, make_config: Callable[..., Config], start_executor: Any,
         tiny_tmpfs: Callable[[str, int], Path], cmd_dir: Path) -> None:
     state = tiny_tmpfs("state", 64)
     (cmd_dir / "fill.sh").write_text(f'#!/bin/sh\nhead -c 1000000 /dev/zero > "{state}/filler" 2>/dev/null\n'
                                      'i=0; while [ $i -lt 200 ]; do echo "line $i"; i=$((i+1)); sleep 0.01; done\n')
     (cmd_dir / "fill.sh").chmod(0o755)
-    config = make_config(redis_addr=aof_redis.url, state_dir=str(state), buffer_bytes=8 << 10,
+    config = make_config(redis_addr=own_redis.url, state_dir=str(state), buffer_bytes=8 << 10,
                          record_max_bytes=1024, heartbeat_interval=0.2, dead_after=1.5)
-    r = redis.Redis.from_url(aof_redis.url)
+    r = redis.Redis.from_url(own_redis.url)
     handle = await start_executor(config)
     task_id = push(r, config, "fill.sh")
     await wait_until(lambda: r.hget(Keys.for_config(config).task(task_id), "status") == b"running")
-    aof_redis.stop()
+    own_redis.stop()
     await asyncio.sleep(1.5)  # the task writes into a full disk's spool: refused, kept in memory
     assert not handle.task.done()
-    aof_redis.start()
+    own_redis.start()
     done = await wait_done(r, config, task_id, timeout=30)
     assert done.fields["status"] == "succeeded"
     lines = b"".join(rec.payload for rec in records_of(r, config, task_id) if not rec.is_done)
@@ -316,12 +302,12 @@ def test_run_against_a_silent_server_retries_and_stops_promptly_on_sigterm(
 
 
 async def test_redis_going_silent_mid_run_then_sigterm_ends_within_drain_and_grace(
-        own_redis: RedisServer, make_config: Callable[..., Config], tmp_path: Path,
+        volatile_redis: RedisServer, make_config: Callable[..., Config], tmp_path: Path,
         spawn_executor: Any) -> None:
     """SIGSTOP the Redis server: connections stay open, nothing answers."""
-    config = make_config(redis_addr=own_redis.url)
-    r = redis.Redis.from_url(own_redis.url)
-    proc = spawn_executor("run", "--redis", own_redis.url, "--cmd-dir", config.cmd_dir,
+    config = make_config(redis_addr=volatile_redis.url)
+    r = redis.Redis.from_url(volatile_redis.url)
+    proc = spawn_executor("run", "--redis", volatile_redis.url, "--cmd-dir", config.cmd_dir,
                           "--state-dir", str(tmp_path / "st"), "--executor-id", "silent-1",
                           env={"TASK_JOB_REDIS_TIMEOUT": "1", "TASK_JOB_DRAIN_TIMEOUT": "2",
                                "TASK_JOB_KILL_GRACE": "1", "TASK_JOB_HEARTBEAT_INTERVAL": "0.5",
@@ -329,8 +315,8 @@ async def test_redis_going_silent_mid_run_then_sigterm_ends_within_drain_and_gra
     task_id = push(r, config, "sleep.sh", "30")
     await wait_until(lambda: r.hget(Keys.for_config(config).task(task_id), "status") == b"running",
                      timeout=15)
-    assert own_redis.proc is not None
-    own_redis.proc.send_signal(signal.SIGSTOP)
+    assert volatile_redis.proc is not None
+    volatile_redis.proc.send_signal(signal.SIGSTOP)
     try:
         await asyncio.sleep(2.5)  # every lane batch times out meanwhile
         assert proc.proc.poll() is None
@@ -340,9 +326,9 @@ async def test_redis_going_silent_mid_run_then_sigterm_ends_within_drain_and_gra
         assert code == 0, proc.output()
         assert time.monotonic() - started < 2 + 1 + 5, proc.output()
     finally:
-        own_redis.proc.send_signal(signal.SIGCONT)
+        volatile_redis.proc.send_signal(signal.SIGCONT)
     # The task's done record waited in the spool; the next start delivers it.
-    again = spawn_executor("run", "--redis", own_redis.url, "--cmd-dir", config.cmd_dir,
+    again = spawn_executor("run", "--redis", volatile_redis.url, "--cmd-dir", config.cmd_dir,
                            "--state-dir", str(tmp_path / "st"), "--executor-id", "silent-1")
     done = await wait_done(r, config, task_id, timeout=20)
     assert done.fields["status"] == "killed" and len(done_of(r, config, task_id)) == 1
@@ -373,15 +359,15 @@ async def test_flushall_mid_run_keeps_running_tasks_and_their_one_done_record(
 
 
 async def test_a_redis_restart_without_persistence_mid_run_loses_no_done_record(
-        own_redis: RedisServer, make_config: Callable[..., Config], start_executor: Any) -> None:
-    config = make_config(redis_addr=own_redis.url, heartbeat_interval=0.2, dead_after=1.5)
-    r = redis.Redis.from_url(own_redis.url)
+        volatile_redis: RedisServer, make_config: Callable[..., Config], start_executor: Any) -> None:
+    config = make_config(redis_addr=volatile_redis.url, heartbeat_interval=0.2, dead_after=1.5)
+    r = redis.Redis.from_url(volatile_redis.url)
     handle = await start_executor(config)
     keys = Keys.for_config(config)
     ids = [push(r, config, "sleep.sh", "2") for _ in range(2)]
     await wait_until(lambda: all(r.hget(keys.task(i), "status") == b"running" for i in ids))
-    own_redis.stop()
-    own_redis.start()  # empty: no AOF, no RDB
+    volatile_redis.stop()
+    volatile_redis.start()  # empty: no AOF, no RDB
     for task_id in ids:
         done = await wait_done(r, config, task_id, timeout=20)
         assert done.fields["status"] == "succeeded", done.fields
@@ -393,13 +379,13 @@ async def test_a_redis_restart_without_persistence_mid_run_loses_no_done_record(
 
 
 async def test_redis_out_of_memory_delays_records_but_applies_each_batch_whole(
-        own_redis: RedisServer, make_config: Callable[..., Config], start_executor: Any,
+        volatile_redis: RedisServer, make_config: Callable[..., Config], start_executor: Any,
         cmd_dir: Path) -> None:
     (cmd_dir / "lines.sh").write_text('#!/bin/sh\ni=0; while [ $i -lt 300 ]; do echo "line $i"; '
                                       'i=$((i+1)); sleep 0.005; done\n')
     (cmd_dir / "lines.sh").chmod(0o755)
-    config = make_config(redis_addr=own_redis.url)
-    r = redis.Redis.from_url(own_redis.url)
+    config = make_config(redis_addr=volatile_redis.url)
+    r = redis.Redis.from_url(volatile_redis.url)
     handle = await start_executor(config)
     keys = Keys.for_config(config)
     used = int(r.info("memory")["used_memory"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,6 @@ from .conftest import ExecutorProcess, done_of, records_of, wait_done, wait_unti
 
 TICKER = '#!/bin/sh\ni=1\nwhile [ $i -le "$1" ]; do echo "line $i"; i=$((i+1)); sleep 0.01; done\n' \
          'head -c 3000000 /dev/zero | tr "\\0" "y" | fold -w 199\necho end\n'
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, with an append-only file, that the test may stop."""
-    server = RedisServer(tmp_path / "own-redis", appendonly=True).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

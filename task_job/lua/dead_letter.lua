@@ -6,15 +6,7 @@
 -- ARGV[2]  dead-letter entry (JSON with the reason)
 -- ARGV[3]  dead_max_len: the list is trimmed to its newest ARGV[3] entries (0 = no cap)
 -- Idempotent: the entry is pushed only if the message was still claimed.
-local function unclaim(key, ref)
-  if string.sub(ref, 1, 5) ~= 'sha1:' then return redis.call('LREM', key, 1, ref) end
-  local want = string.sub(ref, 6, 45)
-  local len = tonumber(string.sub(ref, 47))
-  for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    if #v == len and redis.sha1hex(v) == want then return redis.call('LREM', key, 1, v) end
-  end
-  return 0
-end
+--!include lib_unclaim.lua
 if ARGV[1] == '' or unclaim(KEYS[1], ARGV[1]) > 0 then
   redis.call('RPUSH', KEYS[2], ARGV[2])
   local cap = tonumber(ARGV[3])

@@ -17,15 +17,7 @@
 -- ARGV[15] pid, ARGV[16] started_at: optional, for a task whose start note was never sent
 -- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
-local function unclaim(key, ref)
-  if string.sub(ref, 1, 5) ~= 'sha1:' then return redis.call('LREM', key, 1, ref) end
-  local want = string.sub(ref, 6, 45)
-  local len = tonumber(string.sub(ref, 47))
-  for _, v in ipairs(redis.call('LRANGE', key, 0, -1)) do
-    if #v == len and redis.sha1hex(v) == want then return redis.call('LREM', key, 1, v) end
-  end
-  return 0
-end
+--!include lib_unclaim.lua
 local function cap(key, n)
   n = tonumber(n)
   if n > 0 and redis.call('LLEN', key) > n then redis.call('LTRIM', key, -n, -1) end
