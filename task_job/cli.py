@@ -264,8 +264,9 @@ async def _print_records(client: Any, task_id: str, *, follow: bool, as_json: bo
         if as_json:
             click.echo(orjson.dumps(record.fields).decode())
         elif record.is_done:
-            click.echo(f"task-job: {task_id} {record.fields.get('status')}: {record.data}",
-                       err=True)
+            status = record.fields.get("status")
+            summary = record.data.removeprefix(f"{status}: ")
+            click.echo(f"task-job: {task_id} {status}: {summary}", err=True)
         else:
             out = sys.stderr if record.msg_type == "stderr" else sys.stdout
             out.buffer.write(record.payload)
