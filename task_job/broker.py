@@ -51,8 +51,10 @@ class RedisOutOfMemory(RedisConnectionError):
 
 def is_oom(result: Any) -> bool:
     """An OOM error reply (redis-py strips the 'OOM' prefix into its own class)."""
+    # Redis 6 reports it inside a script error: "Error running script ... -OOM command ...".
     return isinstance(result, OutOfMemoryError) or (
-        isinstance(result, ResponseError) and str(result).startswith("OOM"))
+        isinstance(result, ResponseError) and ("OOM command not allowed" in str(result)
+                                               or str(result).startswith("OOM")))
 
 
 BIG_CLAIM = 16 << 10  # claimed messages bigger than this are named by digest, not sent back
