@@ -64,7 +64,8 @@ SECRET_ENV: tuple[str, ...] = (
 _URL_WITH_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]*@")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 DEFAULT_ENV_ALLOW: tuple[str, ...] = ("*",)
-VERDICTS_MAX = 4096
+VERDICTS_MAX = 4096  # names remembered as admitted: at most 4096 x 128 characters
+VERDICT_NAME_MAX = 128
 
 
 class Names:
@@ -147,9 +148,10 @@ class EnvPolicy:
         why = self._name_refusal(name)
         if why is not None or name.upper() == "TZ" or _CHECKED_VALUES.match(name):
             return why or self._value_refusal(name, value)
-        if len(self._verdicts) >= VERDICTS_MAX:
-            self._verdicts.clear()
-        self._verdicts[name] = None
+        if len(name) <= VERDICT_NAME_MAX:
+            if len(self._verdicts) >= VERDICTS_MAX:
+                self._verdicts.clear()
+            self._verdicts[name] = None
         if "\x00" in value:
             return f"env variable {name} holds a NUL character"
         return None
@@ -157,10 +159,11 @@ class EnvPolicy:
     def _name_refusal(self, name: str) -> str | None:
         if not _ENV_NAME.match(name):
             return f"env variable {name[:64]!r} is not a well-formed name"
+        shown = name if len(name) <= 64 else name[:64] + "…"
         if self.deny.match(name) or self.place.match(name):
-            return f"env variable {name} is refused (loaders, shells or interpreters read it as code or a path to code)"
+            return f"env variable {shown} is refused (loaders, shells or interpreters read it as code or a path to code)"
         if not self.allow.match(name):
-            return f"env variable {name} is not allowed by task_env_allow"
+            return f"env variable {shown} is not allowed by task_env_allow"
         return None
 
     def _value_refusal(self, name: str, value: str) -> str | None:

@@ -286,3 +286,33 @@ async def test_a_record_added_while_the_closing_http_sink_retries_its_spool_is_n
     replayer.close()
     await asyncio.wait_for(replaying, 10)
     assert_complete(receiver.records("t1"))
+
+
+async def test_a_torn_http_spool_replays_what_is_whole_without_empty_posts(
+        receiver: Receiver, tmp_path: Path) -> None:
+    """A spool cut mid-frame (a crash mid-write) used to make the next start spin for ever,
+    POSTing empty arrays. Now what is whole is delivered and the torn rest is set aside."""
+    from task_job.spool import SpoolFile, encode
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    path = spool_dir / "e1.httpspool"
+    calls = [("http", "", [], [orjson.dumps({"id": "t1", "msg_type": "stdout", "seq": i,
+                                             "data": "y" * 50})]) for i in range(10)]
+    spool = SpoolFile(path)
+    spool.append(calls)  # type: ignore[arg-type]
+    spool.close()
+    whole = 6
+    cut = sum(len(encode(c)) for c in calls[:whole]) + 7  # inside the 7th frame
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    await receiver.start()
+    sink = HttpSink(receiver.url, executor="e2", buffer_bytes=1 << 20, batch_bytes=1 << 20,
+                    linger=0, timeout=2, headers={}, state_dir=tmp_path)
+    running = asyncio.ensure_future(sink.run())
+    await wait_until(lambda: len(receiver.records("t1")) == whole, 10, what="whole frames")
+    sink.close()
+    await asyncio.wait_for(running, 10)
+    assert [r["seq"] for r in receiver.records("t1")] == list(range(whole))
+    assert all(batch for batch in receiver.batches)  # no empty POST
+    assert not path.exists() and any(p.name.startswith("e1.httpspool.torn-") for p in spool_dir.iterdir())
