@@ -198,13 +198,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (*TRANSIENT_ERRORS, TimeoutError))
 
 
-def describe(exc: BaseException, timeout: float) -> str:
-    """One line an operator can act on, for an error met talking to Redis."""
+def describe(exc: BaseException, timeout: float, addr: str = "") -> str:
+    """One line an operator can act on, for an error met talking to Redis at `addr`."""
     text = str(exc) or type(exc).__name__
+    if "NOAUTH" in text or "Authentication required" in text or "already authenticated" in text:
+        return "the server needs a password (redis://user:password@host:port)"
     if "WRONGPASS" in text or isinstance(exc, AuthenticationError):
         return "wrong user name or password (check redis_addr, or the ACL user)"
-    if "NOAUTH" in text:
-        return "the server needs a password (redis://user:password@host:port)"
     if "NOPERM" in text or isinstance(exc, AuthorizationError):
         return f"the ACL user may not run a command task-job needs: {text}"
     if isinstance(exc, InvalidResponse) or "Protocol error" in text:
@@ -212,6 +212,9 @@ def describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, ssl.SSLError) or "SSL" in text or "certificate" in text:
         return f"TLS failed ({text}); rediss:// needs a TLS port, redis:// a plain one; check redis_tls_ca"
     if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+        if addr.startswith("rediss://"):
+            return (f"no TLS handshake or reply within {timeout:g}s (rediss:// needs a TLS port; "
+                    "is this a plain one?)")
         return f"connected, but no reply within {timeout:g}s (a stalled server, or not Redis)"
     if isinstance(exc, ConnectionRefusedError) or "refused" in text.lower() or "Error 111 " in text:
         return "connection refused (is redis-server running there?)"
@@ -516,10 +519,10 @@ class Broker:
                 version = await self.server_version()
                 await self.scripts.load(self.redis)
         except TimeoutError as exc:
-            raise BrokerError(f"redis at {where}: {describe(exc, self.config.redis_timeout)}",
+            raise BrokerError(f"redis at {where}: {describe(exc, self.config.redis_timeout, self.config.redis_addr)}",
                               transient=True) from exc
         except (RedisError, OSError) as exc:
-            raise BrokerError(f"redis at {where}: {describe(exc, self.config.redis_timeout)}",
+            raise BrokerError(f"redis at {where}: {describe(exc, self.config.redis_timeout, self.config.redis_addr)}",
                               transient=is_transient(exc)) from exc
         if version < (6, 2):
             raise BrokerError(f"redis at {where} is {'.'.join(map(str, version))}; "

@@ -117,7 +117,7 @@ def run(config_path: str | None, redis_addr: str | None, queue_name: str | None,
     except TaskJobError as exc:
         fail(str(exc))
     except (RedisError, ConnectionError, OSError) as exc:
-        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout)}", code=1)
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout, config.redis_addr)}", code=1)
     finally:
         if server is not None:
             server.stop()
@@ -300,9 +300,9 @@ def _run_client(go: Any, config: Config) -> int:
     except TaskJobError as exc:
         fail(str(exc))
     except TimeoutError as exc:
-        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout)}", code=1)
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout, config.redis_addr)}", code=1)
     except (RedisError, ConnectionError, OSError) as exc:
-        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout)}", code=1)
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout, config.redis_addr)}", code=1)
 
 
 @cli.command()

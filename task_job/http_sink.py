@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from task_job.config import redact_url
 from task_job.files import DiskErrors
 from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
 
@@ -197,7 +198,7 @@ class HttpSink:
 
         def write() -> None:
             self.dead_dir.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b'{"reason":' + _json_str(reason) + b',"url":' + _json_str(self.url)
+            path.write_bytes(b'{"reason":' + _json_str(reason) + b',"url":' + _json_str(redact_url(self.url))
                              + b',"records":[' + b",".join(batch) + b"]}")
 
         try:

@@ -190,3 +190,34 @@ async def test_sentinel_failover_mid_run_loses_no_claimed_task(
             assert dones[0].fields["status"] == "succeeded", dones[0].fields
             seqs = [rec.seq for rec in records_of(r, config, task_id)]
             assert seqs == list(range(len(seqs)))
+
+
+def _cli_error(*args: str) -> list[str]:
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "task_job.cli", *args], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "TASK_JOB_REDIS_TIMEOUT": "2"})
+    assert result.returncode == 1, result
+    return result.stderr.strip().splitlines()
+
+
+def test_redis_errors_read_as_one_line_an_operator_can_act_on(
+        tmp_path: Path, tls_proxy: TlsProxy, redis_server: RedisServer) -> None:
+    server = RedisServer(tmp_path / "pw").start()
+    try:
+        with redis.Redis(port=server.port) as admin:
+            admin.config_set("requirepass", "right-pw")
+        (line,) = _cli_error("logs", "--redis", f"redis://:wrong-pw@127.0.0.1:{server.port}/0", "x")
+        assert line == (f"task-job: redis at redis://:***@127.0.0.1:{server.port}/0: wrong user "
+                        "name or password (check redis_addr, or the ACL user)")
+        (line,) = _cli_error("logs", "--redis", f"127.0.0.1:{server.port}", "x")
+        assert "needs a password" in line, line
+    finally:
+        server.stop()
+    (line,) = _cli_error("logs", "--redis", f"rediss://127.0.0.1:{redis_server.port}/0", "x")
+    assert "rediss:// needs a TLS port" in line, line
+    (line,) = _cli_error("logs", "--redis", f"redis://127.0.0.1:{tls_proxy.port}/0", "x")
+    assert line.startswith(f"task-job: redis at redis://127.0.0.1:{tls_proxy.port}/0: "), line
+    assert "TLS" in line or "no reply" in line or "closed" in line, line
