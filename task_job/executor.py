@@ -32,6 +32,7 @@ from task_job.protocol import (
     parse_control,
     parse_task,
 )
+from task_job.reaper import MARKER, Reaper
 from task_job.runner import Ending, Guard, Run, RunResult
 from task_job.sinks import RedisSink, TaskStream
 
@@ -56,6 +57,7 @@ class TaskRun:
     log_file: TaskLogFile | None = None
     kill_reason: str | None = None
     claimed_mono: float = field(default_factory=time.monotonic)
+    token: str = ""  # TASK_JOB_RUN in its environment: the reaper attributes orphans by it
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -69,6 +71,7 @@ def outcome_of(result: RunResult, timeout: float | None) -> Outcome:
     common: dict[str, Any] = dict(
         exit_code=result.exit_code, signal=result.signal, started_at=result.started_at,
         finished_at=result.finished_at, duration=round(result.duration, 6),
+        extra={"usage": result.usage} if result.usage is not None else {},
     )
     if result.ending is Ending.TIMEOUT:
         return Outcome(Status.TIMEOUT,
@@ -123,6 +126,11 @@ class Executor:
             perl_args_unchecked=frozenset(os.path.realpath(os.path.join(root, p))
                                           for p in config.perl_args_unchecked))
         self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
+        self.reaper = Reaper(
+            self._claim_prefix, running=lambda: {tr.token for tr in self.running.values()},
+            task_pids=lambda: {tr.run.pid for tr in self.running.values()
+                               if tr.run is not None and tr.run.pid is not None},
+            guard=self._guard)
         self.claimed = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -151,6 +159,7 @@ class Executor:
             return
         if self._guard is not None:
             self._guard.start()
+        self.reaper.start()
         await self.sink.replay_spools()
         async with self.broker.deadline():
             await self.fleet.register()
@@ -167,7 +176,8 @@ class Executor:
                 http = tg.create_task(self.http.run()) if self.http else None
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
-                              tg.create_task(self._control_loop())]
+                              tg.create_task(self._control_loop()),
+                              tg.create_task(self.reaper.loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
                 if cfg.dead_max_len or cfg.logs_max_len:
@@ -187,6 +197,7 @@ class Executor:
                     self.http.close()
                     await http
         finally:
+            self.reaper.stop()
             if self.link.connected_for() > 0:
                 await self.fleet.deregister()
             await self.broker.close()
@@ -361,7 +372,7 @@ class Executor:
         if not claims:
             return
         verdicts = await self._begin(claims)
-        for (raw, task, _), (verdict, last_seq, attempt) in zip(claims, verdicts, strict=True):
+        for (raw, task, token), (verdict, last_seq, attempt) in zip(claims, verdicts, strict=True):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
             if verdict == "duplicate":
                 # The id already has (or will have) its one done record: no second one here.
@@ -375,7 +386,7 @@ class Executor:
                             "cancelled before it started"), raw=raw, mode="cancel"))
                 log.info("task cancelled", extra={"task_id": task.id, "status": "cancelled"})
                 continue
-            tr = TaskRun(task, stream, int(attempt))
+            tr = TaskRun(task, stream, int(attempt), token=token)
             self.running[task.id] = tr
             tg.create_task(self._execute(tr))
 
@@ -440,6 +451,7 @@ class Executor:
             fut.add_done_callback(lambda _: self._settling.discard(task.id))
             del self.running[task.id]
             self._slot_freed.set()
+            self.reaper.task_ended()
             if tr.log_file is not None:  # never raises: file errors are counted, not fatal
                 await asyncio.shield(asyncio.to_thread(tr.log_file.finish, tr.stream.done))
             log.info("task finished", extra={
@@ -450,7 +462,7 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
-        env = self.env_policy.task_env(self._env, task.env)
+        env = {**self.env_policy.task_env(self._env, task.env), MARKER: tr.token}
         argv, workdir = self.policy.confine(task.argv, task.cwd)
         if tr.kill_reason is not None:
             return Outcome(Status.KILLED, f"killed before it started ({tr.kill_reason})")

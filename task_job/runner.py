@@ -54,6 +54,7 @@ class RunResult:
     duration: float
     kill_signal: str | None = None
     kill_reason: str = ""
+    usage: dict[str, float | int] | None = None
 
     @property
     def exit_code(self) -> int | None:
@@ -329,6 +330,7 @@ class Run:
             ending=self._ending, returncode=returncode, started_at=self.started_at,
             finished_at=finished, duration=time.monotonic() - self._started_mono,
             kill_signal=self._kill_signal, kill_reason=self._kill_reason,
+            usage=usage_of(proc.rusage),
         )
 
 
@@ -360,24 +362,36 @@ class Child:
     """A spawned process: its pid, and its exit status once reaped (by us alone: nothing
     in the executor waits for any child)."""
 
-    __slots__ = ("pid", "returncode")
+    __slots__ = ("pid", "returncode", "rusage")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        # wait4's account of the process and the children it waited for (accounting).
+        self.rusage: Any = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status, rusage = os.wait4(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
+                self.rusage = rusage
         return self.returncode
 
     def wait(self) -> int:
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
+            _, status, self.rusage = os.wait4(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+
+def usage_of(rusage: Any) -> dict[str, float | int] | None:
+    """The `usage` of a done record: CPU seconds (user, system) and peak RSS in bytes of the
+    task's main process and the children it waited for."""
+    if rusage is None:
+        return None
+    return {"cpu_user": round(rusage.ru_utime, 6), "cpu_system": round(rusage.ru_stime, 6),
+            "max_rss": rusage.ru_maxrss * 1024}
 
 
 _home = -1  # the executor's own working directory, to come back to after a spawn

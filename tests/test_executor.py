@@ -401,3 +401,34 @@ async def test_guard_kills_the_groups_it_lists_when_its_pipe_closes_and_spares_r
             if child.poll() is None:
                 child.kill()
                 child.wait()
+
+
+async def test_a_setsid_grandchild_and_a_double_fork_do_not_outlive_their_task(
+        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        cmd_dir: Path, tmp_path: Path) -> None:
+    (cmd_dir / "escape.sh").write_text(
+        '#!/bin/sh\nsetsid sleep 1000 </dev/null >/dev/null 2>&1 &\necho $! > "$1"\n'
+        '( sh -c \'sleep 1001 & echo $! > "$0"\' "$2" & ) </dev/null >/dev/null 2>&1\n'
+        'sleep 0.2\necho spawned\n')
+    (cmd_dir / "escape.sh").chmod(0o755)
+    first, second = tmp_path / "setsid.pid", tmp_path / "double.pid"
+    task_id = await client.submit("escape.sh", [str(first), str(second)])
+    done = await wait_done(sync_redis, config, task_id)
+    assert done.fields["status"] == "succeeded"
+    pids = [int(first.read_text()), int(second.read_text())]
+    await wait_until(lambda: not any(pid_alive(p) for p in pids), 10,
+                     what="the escaped processes killed")
+
+
+async def test_done_records_carry_usage_of_cpu_and_peak_memory(
+        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        cmd_dir: Path) -> None:
+    (cmd_dir / "alloc.py").write_text(
+        "#!/usr/bin/env python3\nblock = bytearray(100 * 1024 * 1024)\n"
+        "for i in range(0, len(block), 4096):\n    block[i] = 1\nprint('allocated')\n")
+    (cmd_dir / "alloc.py").chmod(0o755)
+    task_id = await client.submit("alloc.py")
+    done = await wait_done(sync_redis, config, task_id)
+    usage = done.fields["usage"]
+    assert usage["max_rss"] >= 100 * 1024 * 1024
+    assert 0 < usage["cpu_user"] + usage["cpu_system"] < done.fields["duration"] + 0.5
