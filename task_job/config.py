@@ -18,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from task_job.errors import ConfigError
+from task_job.limits import ENFORCED, parse_limits
 
 ENV_PREFIX = "TASK_JOB_"
 CONFINE_MODES = ("strict", "cwd")
@@ -83,6 +84,9 @@ class Config:
     dead_max_len: int = 10000
     logs_max_len: int = 0
     redis_timeout: float = 10.0
+    # Task isolation (docs/security.md): hetuflow's resource_limits keys.
+    limits_default: dict[str, float] = field(default_factory=dict)
+    limits_max: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -217,6 +221,10 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
             return float(value)
+        if kind is dict and name in ("limits_default", "limits_max"):
+            if isinstance(value, str):
+                value = orjson.loads(value)
+            return parse_limits(value, where)
         if kind is dict:
             if isinstance(value, str):
                 value = orjson.loads(value)
@@ -313,6 +321,13 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
     if not config.queue_name:
         raise ConfigError("queue_name: must not be empty")
+    for key in ("limits_default", "limits_max"):
+        for name in getattr(config, key):
+            if name not in ENFORCED:
+                raise ConfigError(f"{key}.{name}: cannot be enforced by this executor yet")
+    for name, value in config.limits_default.items():
+        if name in config.limits_max and value > config.limits_max[name]:
+            raise ConfigError(f"limits_default.{name}: above limits_max ({config.limits_max[name]:g})")
     for key in ("task_env_allow", "task_env_deny"):
         for pattern in getattr(config, key):
             if not re.fullmatch(r"[A-Za-z0-9_*?\[\]!-]+", pattern):

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from task_job.confine import EnvPolicy, Policy
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
+from task_job.limits import Limits, count_processes, effective
 from task_job.protocol import (
     MsgType,
     Outcome,
@@ -44,6 +46,8 @@ CLAIM_BLOCK = 1.0
 # Once stopping, how long a silent Redis may hold each remaining batch, so that SIGTERM ends
 # the process within drain_timeout + kill_grace and a few seconds.
 SHUTDOWN_DEADLINE = 2.0
+PROCESS_COUNT_INTERVAL = 0.1  # seconds between counts of a task's processes (max_processes)
+NO_LIMITS = Limits()
 
 
 @dataclass
@@ -58,6 +62,7 @@ class TaskRun:
     kill_reason: str | None = None
     claimed_mono: float = field(default_factory=time.monotonic)
     token: str = ""  # TASK_JOB_RUN in its environment: the reaper attributes orphans by it
+    limit_hit: str | None = None  # the limit the executor ended it for
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -126,6 +131,7 @@ class Executor:
             perl_args_unchecked=frozenset(os.path.realpath(os.path.join(root, p))
                                           for p in config.perl_args_unchecked))
         self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
+        self._prlimit = shutil.which("prlimit", path=self._env.get("PATH"))
         self.reaper = Reaper(
             self._claim_prefix, running=lambda: {tr.token for tr in self.running.values()},
             task_pids=lambda: {tr.run.pid for tr in self.running.values()
@@ -464,16 +470,20 @@ class Executor:
         cfg = self.config
         env = {**self.env_policy.task_env(self._env, task.env), MARKER: tr.token}
         argv, workdir = self.policy.confine(task.argv, task.cwd)
+        limits = effective(task.limits, cfg.limits_default, cfg.limits_max) \
+            if task.limits or cfg.limits_default or cfg.limits_max else NO_LIMITS
+        timeout, limit = task.timeout, task.max_output if task.max_output is not None else cfg.max_output
+        if limits.any:
+            argv, timeout, limit = self._limited(limits, argv, timeout, limit)
         if tr.kill_reason is not None:
             return Outcome(Status.KILLED, f"killed before it started ({tr.kill_reason})")
-        limit = task.max_output if task.max_output is not None else cfg.max_output
         if cfg.log_dir:
             tr.log_file = await asyncio.to_thread(TaskLogFile, cfg.log_dir, task.id, time.time())
         over = (lambda: tr.kill(f"max_output of {limit} bytes exceeded")) \
             if cfg.max_output_action == "kill" else None
         output = _OutputGate(self.sink if cfg.logs else None, tr.stream, limit, tr.log_file, over)
         run = Run(argv, cwd=workdir, env=env, stdin=task.stdin,
-                  timeout=task.timeout, kill_grace=cfg.kill_grace,
+                  timeout=timeout, kill_grace=cfg.kill_grace,
                   record_max_bytes=cfg.record_max_bytes, on_output=output.put,
                   guard=self._guard)
         await run.start()
@@ -484,12 +494,51 @@ class Executor:
         assert pid is not None
         self.sink.note_started(tr.stream, pid, run.started_at)
         log.info("task started", extra={"task_id": task.id, "pid": pid, "attempt": tr.attempt})
-        result = await run.wait()
-        outcome = outcome_of(result, task.timeout)
+        counter = asyncio.ensure_future(self._count_processes(tr, pid, limits.max_processes)) \
+            if limits.max_processes else None
+        try:
+            result = await run.wait()
+        finally:
+            if counter is not None:
+                counter.cancel()
+        outcome = outcome_of(result, timeout)
+        if tr.limit_hit is not None:  # ended by the executor for a limit: a failure, named
+            outcome = dataclasses.replace(outcome, status=Status.FAILED,
+                                          summary=f"killed: {tr.limit_hit}")
+        elif outcome.status is Status.FAILED and limits.max_memory_mb is not None:
+            # An rlimit makes allocations fail rather than killing: say it was in force.
+            outcome = dataclasses.replace(outcome, summary=(
+                f"{outcome.summary}; memory limit {limits.max_memory_mb:g} MB (RLIMIT_DATA) in force"))
         if output.dropped:
             await output.report_dropped()
             outcome.extra["dropped_bytes"] = output.dropped
         return outcome
+
+    def _limited(self, limits: Limits, argv: list[str], timeout: float | None, max_output: int
+                 ) -> tuple[list[str], float | None, int]:
+        """argv, timeout and output cap under a task's limits. The kernel's limits are set by
+        prlimit(1) between the executor and the command: the task starts with them, no window."""
+        if limits.max_execution_time_secs is not None:
+            timeout = min(timeout or limits.max_execution_time_secs, limits.max_execution_time_secs)
+        if limits.max_output_size_bytes is not None:
+            max_output = min(max_output or limits.max_output_size_bytes, limits.max_output_size_bytes)
+        if limits.rlimits:
+            if self._prlimit is None:
+                raise ConfinementError("limits max_memory_mb and max_open_files need prlimit "
+                                       "(util-linux), which is not on this executor's PATH")
+            argv = [self._prlimit, *limits.rlimits, "--", *argv]
+        return argv, timeout, max_output
+
+    async def _count_processes(self, tr: TaskRun, pid: int, limit: int) -> None:
+        """End the task when its tree holds more than `limit` processes (RLIMIT_NPROC counts
+        every process of a uid, and root ignores it: it cannot be per task)."""
+        while True:
+            await asyncio.sleep(PROCESS_COUNT_INTERVAL)
+            count = await asyncio.to_thread(count_processes, pid)
+            if count > limit:
+                tr.limit_hit = f"{limit} processes limit"
+                tr.kill(f"more than {limit} processes")
+                return
 
     # -- control ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from task_job.errors import ProtocolError
+from task_job.limits import parse_limits
 
 MAX_ID_LENGTH = 256
 
@@ -63,6 +64,7 @@ class Task:
     max_output: int | None = None
     on_lost: str = "fail"
     retries: int = 0
+    limits: dict[str, float] = field(default_factory=dict)  # task.limits, checked (limits.py)
     raw: bytes = b""
 
 
@@ -222,13 +224,19 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
     if on_lost not in ON_LOST_CHOICES:
         raise ProtocolError(f"'task.on_lost' must be one of {', '.join(ON_LOST_CHOICES)}", task_id)
     retries = 0 if spec.get("retries") is None else _int(spec["retries"], "task.retries", task_id)
+    limits: dict[str, float] = {}
+    if spec.get("limits") is not None:
+        try:
+            limits = parse_limits(spec["limits"], "task.limits")
+        except ValueError as exc:
+            raise ProtocolError(str(exc), task_id) from exc
 
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
     return Task(
         id=task_id, cmdline=cmdline, argv=(*words, *cmd_args),
         type=_label(obj, "type", task_id), tube=_label(obj, "tube", task_id),
         cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
-        max_output=max_output, on_lost=on_lost, retries=retries, raw=data,
+        max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, raw=data,
     )
 
 
