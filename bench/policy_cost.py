@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ENV = {"MODE": "ci", "CI_BRANCH": "main", "BUILD_ID": "42", "LANG": "C.UTF-8"}
 
 
-def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int) -> float:
-    """Executor CPU seconds per task for n tasks, the executor started from `checkout`."""
+def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int,
+             elapsed: list[float] | None = None, **config: object) -> float:
+    """Executor CPU seconds per task for n tasks, the executor started from `checkout`; the
+    time from the pushes to the last done record is appended to `elapsed` when given."""
     r.flushall()
     with tempfile.TemporaryDirectory(prefix="tj-cost-") as tmp:
         cfg = {"redis_addr": url, "cmd_dir": cmd_dir, "state_dir": tmp, "executor_id": "cost",
-               "log_level": "warning", "max_concurrency": 16}
+               "log_level": "warning", "max_concurrency": 16, **config}
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(cfg))
         proc = subprocess.Popen([sys.executable, "-m", "task_job.cli", "run", "--config", str(path)],
@@ -49,9 +51,12 @@ def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int) -> 
             for i in range(n):
                 pipe.rpush("queue_job_task", json.dumps(
                     {"id": f"t{i}", "task": {"cmdline": "true", "env": ENV}}))
+            t0 = time.perf_counter()
             pipe.execute()
             while r.llen("queue_job_task_logs") < n:
                 time.sleep(0.005)
+            if elapsed is not None:
+                elapsed.append(time.perf_counter() - t0)
             used = cpu_seconds(proc.pid) - before
             statuses = {json.loads(x)["status"] for x in r.lrange("queue_job_task_logs", 0, -1)}
             assert statuses == {"succeeded"}, statuses

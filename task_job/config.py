@@ -85,6 +85,8 @@ class Config:
     logs_max_len: int = 0
     redis_timeout: float = 10.0
     # Task isolation (docs/security.md): hetuflow's resource_limits keys.
+    run_as: str = ""  # "" = the executor's own user
+    allowed_users: tuple[str, ...] = ()  # users task.user may name (run_as is always allowed)
     limits_default: dict[str, float] = field(default_factory=dict)
     limits_max: dict[str, float] = field(default_factory=dict)
 

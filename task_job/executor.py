@@ -37,6 +37,7 @@ from task_job.protocol import (
 from task_job.reaper import MARKER, Reaper
 from task_job.runner import Ending, Guard, Run, RunResult
 from task_job.sinks import RedisSink, TaskStream
+from task_job.users import Users, check_run_as
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Executor:
                                           for p in config.perl_args_unchecked))
         self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
         self._prlimit = shutil.which("prlimit", path=self._env.get("PATH"))
+        self.users = Users(config.run_as, config.allowed_users)
         self.reaper = Reaper(
             self._claim_prefix, running=lambda: {tr.token for tr in self.running.values()},
             task_pids=lambda: {tr.run.pid for tr in self.running.values()
@@ -154,6 +156,7 @@ class Executor:
 
     async def run(self) -> None:
         cfg = self.config
+        check_run_as(cfg.run_as, os.geteuid())
         if cfg.confine == "strict" and cmd_dir_is_shared(cfg.cmd_dir):
             log.warning(
                 "cmd_dir is writable by other users: anyone who can write there can run code "
@@ -469,6 +472,9 @@ class Executor:
         task = tr.task
         cfg = self.config
         env = {**self.env_policy.task_env(self._env, task.env), MARKER: tr.token}
+        creds = self.users.for_task(task.user)
+        if creds is not None:
+            env.update(HOME=creds.home, USER=creds.user, LOGNAME=creds.user)
         argv, workdir = self.policy.confine(task.argv, task.cwd)
         limits = effective(task.limits, cfg.limits_default, cfg.limits_max) \
             if task.limits or cfg.limits_default or cfg.limits_max else NO_LIMITS
@@ -485,7 +491,7 @@ class Executor:
         run = Run(argv, cwd=workdir, env=env, stdin=task.stdin,
                   timeout=timeout, kill_grace=cfg.kill_grace,
                   record_max_bytes=cfg.record_max_bytes, on_output=output.put,
-                  guard=self._guard)
+                  guard=self._guard, creds=creds)
         await run.start()
         tr.run = run
         if tr.kill_reason is not None:

@@ -65,6 +65,7 @@ class Task:
     on_lost: str = "fail"
     retries: int = 0
     limits: dict[str, float] = field(default_factory=dict)  # task.limits, checked (limits.py)
+    user: str | None = None  # task.user: one of the executor's allowed_users
     raw: bytes = b""
 
 
@@ -224,6 +225,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
     if on_lost not in ON_LOST_CHOICES:
         raise ProtocolError(f"'task.on_lost' must be one of {', '.join(ON_LOST_CHOICES)}", task_id)
     retries = 0 if spec.get("retries") is None else _int(spec["retries"], "task.retries", task_id)
+    user = None if spec.get("user") is None else _string(spec["user"], "task.user", task_id)
     limits: dict[str, float] = {}
     if spec.get("limits") is not None:
         try:
@@ -236,7 +238,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         id=task_id, cmdline=cmdline, argv=(*words, *cmd_args),
         type=_label(obj, "type", task_id), tube=_label(obj, "tube", task_id),
         cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
-        max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, raw=data,
+        max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user, raw=data,
     )
 
 

@@ -88,7 +88,9 @@ class Run:
         self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str] | None, on_output: OutputCallback,
         stdin: str | None = None, timeout: float | None = None, kill_grace: float = 5.0,
         record_max_bytes: int = READ_CHUNK, guard: Guard | None = None,
+        creds: Credentials | None = None,
     ) -> None:
+        self.creds = creds
         self.argv = list(argv)
         self.cwd = cwd
         self.env = env
@@ -128,7 +130,7 @@ class Run:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
         try:
             self.proc = spawn(self.argv, self.cwd, self.env,
-                              in_r if in_r >= 0 else subprocess.DEVNULL, out_w, err_w)
+                              in_r if in_r >= 0 else subprocess.DEVNULL, out_w, err_w, self.creds)
         except BaseException:
             for fd in (out_r, err_r, in_w):
                 if fd >= 0:
@@ -400,8 +402,19 @@ _SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored by the interpreter: defaul
 _POSIX_SPAWN = hasattr(os, "posix_spawn") and hasattr(os, "POSIX_SPAWN_DUP2")
 
 
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who a task runs as: a user, its primary group and its groups from the user database."""
+
+    user: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+
 def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
-          stdin: int, stdout: int, stderr: int) -> Child:
+          stdin: int, stdout: int, stderr: int, creds: Credentials | None = None) -> Child:
     """Start argv (argv[0] an absolute path) in its own session (its own process group), in
     cwd, with these fds as 0, 1 and 2. Raises OSError when the exec fails.
 
@@ -421,20 +434,52 @@ def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
         stdin = _devnull
     if min(stdin, stdout, stderr) <= 2 or not _POSIX_SPAWN:
         # A closed 0-2 reused by our pipes, or no posix_spawn with setsid: Popen sorts it out.
+        ids: dict[str, Any] = {} if creds is None else dict(
+            user=creds.uid, group=creds.gid, extra_groups=list(creds.groups))
         proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
-                                stdin=stdin, stdout=stdout, stderr=stderr)
+                                stdin=stdin, stdout=stdout, stderr=stderr, **ids)
         proc.returncode = 0  # the Child reaps it: keep Popen's __del__ from tracking it
         return Child(proc.pid)
     os.chdir(cwd)
     try:
+        if creds is not None:
+            _become_real(creds)  # undone in finally, whatever happens
         pid = os.posix_spawn(
             argv[0], argv, os.environ if env is None else env,
             file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                           (os.POSIX_SPAWN_DUP2, stderr, 2)],
-            setsid=True, setsigdef=_SIGDEF, setsigmask=())
+            setsid=True, setsigdef=_SIGDEF, setsigmask=(), resetids=creds is not None)
     finally:
+        if creds is not None:
+            _back_to_root()
         os.fchdir(_home)
     return Child(pid)
+
+
+# Another user without giving up posix_spawn's vfork: the executor (root) takes the user's ids
+# as its *real* ids and groups, keeping effective uid 0, for the spawn; POSIX_SPAWN_RESETIDS
+# makes the child's effective ids its real ones, and exec sets the saved ones from them, so
+# the task has that user's uid, gid and groups and no capability. Effective uid 0 throughout
+# means the executor's other threads keep their rights in the meantime (file access and
+# signals go by the effective ids), and it can take its own ids back at once.
+_OWN_IDS: tuple[int, int, tuple[int, ...]] | None = None  # real uid, real gid, groups
+
+
+def _become_real(creds: Credentials) -> None:
+    global _OWN_IDS
+    if _OWN_IDS is None:
+        _OWN_IDS = (os.getresuid()[0], os.getresgid()[0], tuple(os.getgroups()))
+    os.setgroups(creds.groups)
+    os.setresgid(creds.gid, -1, -1)
+    os.setresuid(creds.uid, -1, -1)
+
+
+def _back_to_root() -> None:
+    assert _OWN_IDS is not None
+    uid, gid, groups = _OWN_IDS
+    os.setresuid(uid, -1, -1)
+    os.setresgid(gid, -1, -1)
+    os.setgroups(groups)
 
 
 def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio.Future[None], Callable[[], None]]:

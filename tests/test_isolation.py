@@ -104,3 +104,67 @@ def test_limits_config_is_checked(tmp_path: Path, cmd_dir: Path) -> None:
         path.write_text(orjson.dumps({"cmd_dir": str(cmd_dir), **bad}).decode())
         with pytest.raises(ConfigError):
             load_config(path, env={})
+
+
+NOBODY = 65534
+
+
+def _open_to_all(path: Path) -> None:
+    """pytest's base directory is private to root: let another user reach cmd_dir."""
+    import tempfile
+
+    for p in (path, *path.parents):
+        if str(p).startswith(tempfile.gettempdir() + "/"):
+            p.chmod(p.stat().st_mode | 0o005)
+
+
+@pytest.fixture
+def as_root() -> None:
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("running tasks as another user needs root (CI runs as root)")
+
+
+async def test_tasks_run_as_the_run_as_user_with_its_groups_and_home(
+        as_root: None, make_config: Callable[..., Config], start_executor: Any,
+        sync_redis: redis.Redis, cmd_dir: Path) -> None:
+    import pwd
+
+    (cmd_dir / "who.sh").write_text('#!/bin/sh\nid -u\nid -g\nid -G\necho "$HOME $USER $LOGNAME"\n')
+    (cmd_dir / "who.sh").chmod(0o755)
+    _open_to_all(cmd_dir)
+    nobody = pwd.getpwuid(NOBODY)
+    config = make_config(run_as=nobody.pw_name, allowed_users=("root",))
+    await start_executor(config)
+    task_id = push(sync_redis, config, ["who.sh"])
+    done = await wait_done(sync_redis, config, task_id)
+    assert done.fields["status"] == "succeeded", done.data
+    out = "".join(r.data for r in records_of(sync_redis, config, task_id) if r.msg_type == "stdout")
+    uid, gid, groups, names = out.splitlines()
+    assert int(uid) == NOBODY and int(gid) == nobody.pw_gid
+    assert "0" not in groups.split()  # root's groups are not inherited
+    assert names == f"{nobody.pw_dir} {nobody.pw_name} {nobody.pw_name}"
+    # An allowed user by task.user; a user outside allowed_users is rejected, named.
+    as_root_id = push(sync_redis, config, ["who.sh"], user="root")
+    out = await wait_done(sync_redis, config, as_root_id)
+    assert out.fields["status"] == "succeeded"
+    stdout = "".join(r.data for r in records_of(sync_redis, config, as_root_id) if r.msg_type == "stdout")
+    assert stdout.splitlines()[0] == "0"
+    import os
+
+    assert os.getresuid() == (0, 0, 0) and os.getresgid() == (0, 0, 0)  # the executor's own
+    refused = push(sync_redis, config, ["who.sh"], user="daemon")
+    done = await wait_done(sync_redis, config, refused)
+    assert done.fields["status"] == "rejected" and "'daemon' is not in allowed_users" in done.data
+
+
+def test_an_executor_not_running_as_root_refuses_another_run_as() -> None:
+    from task_job.users import check_run_as
+
+    check_run_as("", 1000)
+    check_run_as("root", 0)
+    with pytest.raises(ConfigError, match="needs the executor to run as root"):
+        check_run_as("root", 1000)
+    with pytest.raises(ConfigError, match="not in the user database"):
+        check_run_as("no-such-user-here", 0)
