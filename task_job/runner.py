@@ -432,8 +432,9 @@ def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
         if _devnull < 0:
             _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         stdin = _devnull
-    if min(stdin, stdout, stderr) <= 2 or not _POSIX_SPAWN:
+    if min(stdin, stdout, stderr) <= 2 or not _POSIX_SPAWN or creds is not None:
         # A closed 0-2 reused by our pipes, or no posix_spawn with setsid: Popen sorts it out.
+        # Another user too: the ids change in the child, after fork (see the note below).
         ids: dict[str, Any] = {} if creds is None else dict(
             user=creds.uid, group=creds.gid, extra_groups=list(creds.groups))
         proc = subprocess.Popen(argv, cwd=cwd, env=env, start_new_session=True,
@@ -442,44 +443,23 @@ def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
         return Child(proc.pid)
     os.chdir(cwd)
     try:
-        if creds is not None:
-            _become_real(creds)  # undone in finally, whatever happens
         pid = os.posix_spawn(
             argv[0], argv, os.environ if env is None else env,
             file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
                           (os.POSIX_SPAWN_DUP2, stderr, 2)],
-            setsid=True, setsigdef=_SIGDEF, setsigmask=(), resetids=creds is not None)
+            setsid=True, setsigdef=_SIGDEF, setsigmask=())
     finally:
-        if creds is not None:
-            _back_to_root()
         os.fchdir(_home)
     return Child(pid)
 
 
-# Another user without giving up posix_spawn's vfork: the executor (root) takes the user's ids
-# as its *real* ids and groups, keeping effective uid 0, for the spawn; POSIX_SPAWN_RESETIDS
-# makes the child's effective ids its real ones, and exec sets the saved ones from them, so
-# the task has that user's uid, gid and groups and no capability. Effective uid 0 throughout
-# means the executor's other threads keep their rights in the meantime (file access and
-# signals go by the effective ids), and it can take its own ids back at once.
-_OWN_IDS: tuple[int, int, tuple[int, ...]] | None = None  # real uid, real gid, groups
+# Why another user's task is not started by posix_spawn with the executor's real ids switched
+# to that user's for the call (POSIX_SPAWN_RESETIDS would then hand them to the child at no
+# cost, measured at 1.01x throughput): while its real uid is the user's, any process of that
+# user (a running task: the executor is its parent, its pid is getppid()) may signal the
+# executor, SIGKILL included; a thread-local switch leaves the same door open through tgkill.
+# Popen forks and changes the ids in the child, so the executor's own ids never change.
 
-
-def _become_real(creds: Credentials) -> None:
-    global _OWN_IDS
-    if _OWN_IDS is None:
-        _OWN_IDS = (os.getresuid()[0], os.getresgid()[0], tuple(os.getgroups()))
-    os.setgroups(creds.groups)
-    os.setresgid(creds.gid, -1, -1)
-    os.setresuid(creds.uid, -1, -1)
-
-
-def _back_to_root() -> None:
-    assert _OWN_IDS is not None
-    uid, gid, groups = _OWN_IDS
-    os.setresuid(uid, -1, -1)
-    os.setresgid(gid, -1, -1)
-    os.setgroups(groups)
 
 
 def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio.Future[None], Callable[[], None]]:
