@@ -186,9 +186,10 @@ async def _demo(config: Config) -> int:
             click.echo(orjson.dumps(record.fields).decode())
             if record.is_done:
                 code = 0 if record.fields.get("status") == "succeeded" else 1
-        click.echo(f"\nrecords went to {config.logs_channel}; submit more from another shell "
-                   f"with: task-job submit --redis {config.redis_addr} --wait -- hello.sh\n"
-                   f"(run without --demo to keep the executor serving)")
+        click.echo(f"\nrecords went to {config.logs_channel}. To keep an executor serving this "
+                   f"script: task-job run --embedded --cmd-dir {config.cmd_dir}\n"
+                   f"then, from another shell: task-job submit --redis {config.redis_addr} "
+                   f"--wait -- hello.sh")
         return code
 
 
