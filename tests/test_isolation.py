@@ -168,3 +168,21 @@ def test_an_executor_not_running_as_root_refuses_another_run_as() -> None:
         check_run_as("root", 1000)
     with pytest.raises(ConfigError, match="not in the user database"):
         check_run_as("no-such-user-here", 0)
+
+
+@pytest.mark.parametrize("unit", ["task-job.service", "task-job@.service"])
+def test_the_systemd_units_are_sandboxed(unit: str, tmp_path: Path) -> None:
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    source = Path(__file__).parent.parent / "systemd" / unit
+    path = tmp_path / unit.replace("@.", "@ci.")  # a template is analysed as an instance
+    path.write_text(source.read_text())
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert found, result.stdout[-2000:] + result.stderr[-2000:]
+    assert float(found.group(1)) <= 6.0  # 9.4 UNSAFE before the sandboxing
