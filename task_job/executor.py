@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from task_job.confine import EnvPolicy, Policy
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
-from task_job.limits import Limits, count_processes, effective
+from task_job.limits import Limits, count_processes, effective, tree_cpu
 from task_job.protocol import (
     MsgType,
     Outcome,
@@ -48,6 +49,7 @@ CLAIM_BLOCK = 1.0
 # the process within drain_timeout + kill_grace and a few seconds.
 SHUTDOWN_DEADLINE = 2.0
 PROCESS_COUNT_INTERVAL = 0.1  # seconds between counts of a task's processes (max_processes)
+THROTTLE_PERIOD = 0.1  # seconds of the duty cycle of max_cpu_percent
 NO_LIMITS = Limits()
 
 
@@ -500,13 +502,16 @@ class Executor:
         assert pid is not None
         self.sink.note_started(tr.stream, pid, run.started_at)
         log.info("task started", extra={"task_id": task.id, "pid": pid, "attempt": tr.attempt})
-        counter = asyncio.ensure_future(self._count_processes(tr, pid, limits.max_processes)) \
-            if limits.max_processes else None
+        watchers = []
+        if limits.max_processes:
+            watchers.append(asyncio.ensure_future(self._count_processes(tr, pid, limits.max_processes)))
+        if limits.max_cpu_percent:
+            watchers.append(asyncio.ensure_future(_throttle(tr, pid, limits.max_cpu_percent)))
         try:
             result = await run.wait()
         finally:
-            if counter is not None:
-                counter.cancel()
+            for watcher in watchers:
+                watcher.cancel()
         outcome = outcome_of(result, timeout)
         if tr.limit_hit is not None:  # ended by the executor for a limit: a failure, named
             outcome = dataclasses.replace(outcome, status=Status.FAILED,
@@ -608,6 +613,39 @@ class Executor:
         log.info("killing task", extra={"task_id": task_id})
         tr.kill("on request")
         return True
+
+
+async def _throttle(tr: TaskRun, pgid: int, percent: float) -> None:
+    """max_cpu_percent by duty cycle: every THROTTLE_PERIOD the task's tree earns percent% of
+    the time elapsed as CPU credit (never more than one period's worth saved up) and spends
+    what it used; a task in debt is stopped (SIGSTOP to its group) until the credit is back,
+    then continued. Accuracy is measured by a test and in docs/security.md."""
+    share = percent / 100
+    credit = 0.0
+    used = await asyncio.to_thread(tree_cpu, pgid)
+    since = time.monotonic()
+    try:
+        while tr.kill_reason is None:
+            await asyncio.sleep(THROTTLE_PERIOD)
+            now, cpu = time.monotonic(), await asyncio.to_thread(tree_cpu, pgid)
+            credit = min(credit + share * (now - since) - (cpu - used), share * THROTTLE_PERIOD)
+            used, since = cpu, now
+            if credit < 0 and tr.kill_reason is None:
+                os.killpg(pgid, signal.SIGSTOP)
+                until = time.monotonic() - credit / share
+                try:  # in short steps: a kill must not wait for the end of a pause
+                    while tr.kill_reason is None and (left := until - time.monotonic()) > 0:
+                        await asyncio.sleep(min(left, 0.05))
+                finally:
+                    os.killpg(pgid, signal.SIGCONT)
+                credit, since = 0.0, time.monotonic()
+    except ProcessLookupError:
+        return  # the group is gone: the task ended
+    finally:
+        try:
+            os.killpg(pgid, signal.SIGCONT)  # never leave it stopped (a kill must land)
+        except ProcessLookupError:
+            pass
 
 
 class _OutputGate:
