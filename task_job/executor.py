@@ -36,8 +36,9 @@ from task_job.protocol import (
     parse_task,
 )
 from task_job.reaper import MARKER, Reaper
-from task_job.runner import Ending, Guard, Run, RunResult
+from task_job.runner import Credentials, Ending, Guard, Run, RunResult
 from task_job.sinks import RedisSink, TaskStream
+from task_job.spawner import Spawner, interpreter_for
 from task_job.users import Users, check_run_as
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class Executor:
         self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
         self._prlimit = shutil.which("prlimit", path=self._env.get("PATH"))
         self.users = Users(config.run_as, config.allowed_users)
+        self._spawners: dict[int, Spawner] = {}  # per run_as uid, started at first use
         self.reaper = Reaper(
             self._claim_prefix, running=lambda: {tr.token for tr in self.running.values()},
             task_pids=lambda: {tr.run.pid for tr in self.running.values()
@@ -208,6 +210,8 @@ class Executor:
                     self.http.close()
                     await http
         finally:
+            for spawner in self._spawners.values():
+                spawner.close()
             self.reaper.stop()
             if self.link.connected_for() > 0:
                 await self.fleet.deregister()
@@ -493,7 +497,8 @@ class Executor:
         run = Run(argv, cwd=workdir, env=env, stdin=task.stdin,
                   timeout=timeout, kill_grace=cfg.kill_grace,
                   record_max_bytes=cfg.record_max_bytes, on_output=output.put,
-                  guard=self._guard, creds=creds)
+                  guard=self._guard, creds=creds,
+                  spawner=self._spawner_for(creds) if creds is not None else None)
         await run.start()
         tr.run = run
         if tr.kill_reason is not None:
@@ -524,6 +529,19 @@ class Executor:
             await output.report_dropped()
             outcome.extra["dropped_bytes"] = output.dropped
         return outcome
+
+    def _spawner_for(self, creds: Credentials) -> Spawner | None:
+        """The spawner of a run_as user; None (Popen, slower) where no Python it may run is
+        found for one."""
+        spawner = self._spawners.get(creds.uid)
+        if spawner is None or spawner.creds != creds:
+            if interpreter_for(creds) is None:
+                log.warning("no python the run_as user may run: its tasks start the slow way",
+                            extra={"user": creds.user})
+                self._spawners.pop(creds.uid, None)
+                return None
+            spawner = self._spawners[creds.uid] = Spawner(creds)
+        return spawner
 
     def _limited(self, limits: Limits, argv: list[str], timeout: float | None, max_output: int
                  ) -> tuple[list[str], float | None, int]:

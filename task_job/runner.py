@@ -88,9 +88,10 @@ class Run:
         self, argv: Sequence[str], *, cwd: str, env: Mapping[str, str] | None, on_output: OutputCallback,
         stdin: str | None = None, timeout: float | None = None, kill_grace: float = 5.0,
         record_max_bytes: int = READ_CHUNK, guard: Guard | None = None,
-        creds: Credentials | None = None,
+        creds: Credentials | None = None, spawner: Any = None,
     ) -> None:
         self.creds = creds
+        self.spawner = spawner  # spawner.Spawner of creds' user: posix_spawn speed as them
         self.argv = list(argv)
         self.cwd = cwd
         self.env = env
@@ -129,8 +130,13 @@ class Run:
         if self.stdin is not None:
             in_r, in_w = os.pipe2(os.O_CLOEXEC)
         try:
-            self.proc = spawn(self.argv, self.cwd, self.env,
-                              in_r if in_r >= 0 else subprocess.DEVNULL, out_w, err_w, self.creds)
+            if self.spawner is not None:
+                self.proc = await self.spawner.spawn(
+                    self.argv, self.cwd, dict(self.env or os.environ),
+                    in_r if in_r >= 0 else _devnull_fd(), out_w, err_w)
+            else:
+                self.proc = spawn(self.argv, self.cwd, self.env,
+                                  in_r if in_r >= 0 else subprocess.DEVNULL, out_w, err_w, self.creds)
         except BaseException:
             for fd in (out_r, err_r, in_w):
                 if fd >= 0:
@@ -310,7 +316,7 @@ class Run:
                 raise self._pipe_error
             if feeder is not None:
                 await feeder
-            proc.wait()  # reaps at once: the pidfd said it exited
+            await proc.reaped()  # at once: the pidfd said it exited
         finally:
             release()
             self._stop_pipes()
@@ -364,10 +370,11 @@ class Child:
     """A spawned process: its pid, and its exit status once reaped (by us alone: nothing
     in the executor waits for any child)."""
 
-    __slots__ = ("pid", "returncode", "rusage")
+    __slots__ = ("pid", "returncode", "rusage", "pidfd")
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.pidfd = -1  # given when someone else opened it (a spawner); else opened on use
         self.returncode: int | None = None
         # wait4's account of the process and the children it waited for (accounting).
         self.rusage: Any = None
@@ -385,6 +392,10 @@ class Child:
             _, status, self.rusage = os.wait4(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+    async def reaped(self) -> int:
+        """The exit status once it has exited (its pidfd said so): reaped here, at once."""
+        return self.wait()
 
 
 def usage_of(rusage: Any) -> dict[str, float | int] | None:
@@ -462,6 +473,13 @@ def spawn(argv: list[str], cwd: str, env: Mapping[str, str] | None,
 
 
 
+def _devnull_fd() -> int:
+    global _devnull
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull
+
+
 def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio.Future[None], Callable[[], None]]:
     """A future done when the process exits (pipes or not), and a release for its fd.
 
@@ -475,7 +493,7 @@ def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio
             fut.set_result(None)
 
     try:
-        fd = os.pidfd_open(proc.pid)
+        fd = proc.pidfd if proc.pidfd >= 0 else os.pidfd_open(proc.pid)
     except ProcessLookupError:
         mark()  # already exited and reaped
         return fut, lambda: None

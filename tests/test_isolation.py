@@ -201,3 +201,30 @@ async def test_cpu_limit_throttles_a_busy_task_to_its_share(
     share = (usage["cpu_user"] + usage["cpu_system"]) / done.fields["duration"]
     # 3 s of wall clock, of which the task may use 30%: measured 0.28-0.31 here
     assert 0.2 <= share <= 0.4, share
+
+
+async def test_a_killed_spawner_loses_no_task(
+        as_root: None, make_config: Callable[..., Config], start_executor: Any,
+        sync_redis: redis.Redis, cmd_dir: Path) -> None:
+    """A task of the run_as user may kill its spawner: the tasks it started are waited for
+    by the executor (their subreaper), and the next task gets a new spawner."""
+    import os
+    import pwd
+    import signal
+
+    (cmd_dir / "nap.sh").write_text("#!/bin/sh\nsleep 1\necho rested\n")
+    (cmd_dir / "nap.sh").chmod(0o755)
+    _open_to_all(cmd_dir)
+    config = make_config(run_as=pwd.getpwuid(NOBODY).pw_name)
+    handle = await start_executor(config)
+    napping = push(sync_redis, config, ["nap.sh"])
+    await wait_until(lambda: records_of(sync_redis, config, napping) or
+                     handle.executor._spawners, what="a spawner")
+    (spawner,) = handle.executor._spawners.values()
+    await wait_until(lambda: spawner._proc is not None and spawner._children, what="the nap running")
+    assert spawner._proc is not None
+    os.kill(spawner._proc.pid, signal.SIGKILL)
+    done = await wait_done(sync_redis, config, napping)
+    assert done.fields["status"] == "succeeded" and done.fields["exit_code"] == 0
+    after = push(sync_redis, config, ["nap.sh"])
+    assert (await wait_done(sync_redis, config, after)).fields["status"] == "succeeded"

@@ -1,0 +1,285 @@
+"""Fast spawning as another user: a small spawner process per `run_as` user, running entirely
+as that user, starts tasks with posix_spawn (vfork speed) on the executor's behalf and reports
+each one's exit status and usage. No Redis, no task logic.
+
+Why a process: the executor cannot take the user's ids itself, even for a moment, without
+letting that user's processes signal it (docs/security.md). The spawner holds nothing a task
+of its user could not have anyway, and the executor checks what it reports (the pid must be a
+process of that user). Its tasks' orphans go to the executor, their subreaper.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+
+from task_job.runner import Child, Credentials
+
+log = logging.getLogger(__name__)
+
+# The spawner: one request (argv, env, cwd, and fds 0-2 as SCM_RIGHTS) -> ["spawned", pid]
+# with a pidfd, or ["error", errno, text]; each child's end -> ["exit", pid, status, user s,
+# system s, max rss KiB]. Exits when the executor's end of the socket closes.
+_SPAWNER_SOURCE = r"""
+import array, ctypes, json, os, select, signal, socket, sys
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: its user's tasks cannot ptrace it
+sock = socket.socket(fileno=int(sys.argv[1]))
+SIGDEF = (signal.SIGPIPE, signal.SIGXFSZ)
+home = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+poll = select.poll()
+poll.register(sock.fileno(), select.POLLIN)
+children = {}
+def send(msg, fds=()):
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+    sock.sendmsg([json.dumps(msg).encode()], anc)
+while True:
+    for fd, _ in poll.poll():
+        if fd == sock.fileno():
+            fds = array.array("i")
+            data, anc, _, _ = sock.recvmsg(1 << 22, socket.CMSG_SPACE(3 * fds.itemsize))
+            if not data:
+                sys.exit(0)
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            argv, env, cwd = json.loads(data)
+            try:
+                os.chdir(cwd)
+                pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+                    (os.POSIX_SPAWN_DUP2, fds[0], 0), (os.POSIX_SPAWN_DUP2, fds[1], 1),
+                    (os.POSIX_SPAWN_DUP2, fds[2], 2)], setsid=True, setsigdef=SIGDEF,
+                    setsigmask=())
+            except OSError as exc:
+                send(["error", exc.errno or 0, exc.strerror or str(exc)])
+            else:
+                pidfd = os.pidfd_open(pid)
+                children[pidfd] = pid
+                poll.register(pidfd, select.POLLIN)
+                send(["spawned", pid], [pidfd])
+            finally:
+                os.fchdir(home)
+                for f in fds:
+                    os.close(f)
+        else:
+            pid = children.pop(fd)
+            poll.unregister(fd)
+            os.close(fd)
+            _, status, ru = os.wait4(pid, 0)
+            send(["exit", pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss])
+"""
+
+
+class RemoteChild(Child):
+    """A task the spawner started: its exit status and usage arrive from the spawner."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self, pid: int, pidfd: int) -> None:
+        super().__init__(pid)
+        self.pidfd = pidfd  # from the spawner, opened before the pid could be reused
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ended(self, status: int, rusage: Any) -> None:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self.rusage = rusage
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self) -> int:
+        raise RuntimeError("a remote child is waited for with `await reaped()`")
+
+    async def reaped(self) -> int:
+        await self._done
+        assert self.returncode is not None
+        return self.returncode
+
+
+class _Usage:
+    __slots__ = ("ru_utime", "ru_stime", "ru_maxrss")
+
+    def __init__(self, utime: float, stime: float, maxrss: int) -> None:
+        self.ru_utime, self.ru_stime, self.ru_maxrss = utime, stime, maxrss
+
+
+class Spawner:
+    """The spawner process of one user, started at the first spawn and again if it dies."""
+
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._replies: list[asyncio.Future[RemoteChild | list[Any]]] = []
+        self._children: dict[int, RemoteChild] = {}
+
+    def _start(self) -> None:
+        python = interpreter_for(self.creds)
+        if python is None:
+            raise OSError(0, f"no python that {self.creds.user} may run for its spawner")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [python, "-I", "-S", "-c", _SPAWNER_SOURCE, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, cwd="/", env={},
+                user=self.creds.uid, group=self.creds.gid, extra_groups=list(self.creds.groups),
+                start_new_session=True)
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable)
+
+    async def spawn(self, argv: list[str], cwd: str, env: dict[str, str],
+                    stdin: int, stdout: int, stderr: int) -> RemoteChild:
+        # Requests are pipelined: the spawner answers in order, and a reply is matched to
+        # its request by position (appended and sent with no await in between).
+        if self._sock is None:
+            self._start()
+        assert self._sock is not None
+        reply: asyncio.Future[RemoteChild | list[Any]] = asyncio.get_running_loop().create_future()
+        self._replies.append(reply)
+        self._sock.sendmsg([orjson.dumps([argv, env, cwd])], [(
+            socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (stdin, stdout, stderr)))])
+        answer = await reply
+        if not isinstance(answer, RemoteChild):
+            raise OSError(answer[1] or None, answer[2])
+        if not self._is_theirs(answer.pid):  # never act as root on a pid it made up
+            self._children.pop(answer.pid, None)
+            if answer.pidfd >= 0:
+                os.close(answer.pidfd)
+            raise OSError(0, f"the spawner of {self.creds.user} named a process not its own")
+        return answer
+
+    def _is_theirs(self, pid: int) -> bool:
+        """The process's real, effective, saved and file uids are all the user's (its
+        /proc/<pid>/status; the owner of /proc/<pid> is root's while it is not dumpable)."""
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        return all(int(u) == self.creds.uid for u in line.split()[1:])
+        except OSError:
+            return True  # already gone (a fast exit): nothing to act on but its status
+        return False
+
+    def _readable(self) -> None:
+        """Every message waiting (under load, several per wake-up)."""
+        while self._sock is not None and self._receive():
+            pass
+
+    def _receive(self) -> bool:
+        assert self._sock is not None
+        fds = array.array("i")
+        try:
+            data, anc, _, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * fds.itemsize))
+        except BlockingIOError:
+            return False
+        except OSError:
+            data, anc = b"", []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        if not data:
+            self._lost()
+            return False
+        msg = orjson.loads(data)
+        if msg[0] == "exit":
+            child = self._children.pop(int(msg[1]), None)
+            if child is not None:
+                child.ended(int(msg[2]), _Usage(msg[3], msg[4], int(msg[5])))
+        elif msg[0] == "spawned" and self._replies:
+            # Known from this moment: its exit may be the very next message.
+            child = RemoteChild(int(msg[1]), fds[0] if fds else -1)
+            self._children[child.pid] = child
+            self._replies.pop(0).set_result(child)
+        elif self._replies:
+            self._replies.pop(0).set_result(msg)
+        return True
+
+    def _lost(self) -> None:
+        """The spawner died (a task of its user may kill it): its tasks are now the executor's
+        children (their subreaper) and are waited for directly; the next spawn starts a new
+        spawner."""
+        log.warning("the spawner of a run_as user exited; tasks it started are waited for "
+                    "directly", extra={"user": self.creds.user})
+        self.close()
+        for reply in self._replies:
+            if not reply.done():
+                reply.set_result(["error", 0, "the spawner exited"])
+        self._replies.clear()
+        for child in list(self._children.values()):
+            asyncio.ensure_future(_adopt(child))
+        self._children.clear()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+
+def _may_run(path: str, creds: Credentials) -> bool:
+    """Whether `creds` may execute `path`: every directory on the way searchable by it, the
+    file executable by it (by mode bits; the path and its real path both)."""
+    def allowed(st: os.stat_result, bit: int) -> bool:
+        if st.st_uid == creds.uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid in creds.groups or st.st_gid == creds.gid:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    for candidate in (os.path.abspath(path), os.path.realpath(path)):
+        parts = candidate.split("/")
+        try:
+            for i in range(1, len(parts) - 1):
+                if not allowed(os.stat("/".join(parts[:i + 1]) or "/"), 0o1):
+                    return False
+            if not allowed(os.stat(candidate), 0o1):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def interpreter_for(creds: Credentials) -> str | None:
+    """A Python that the user may run (the spawner needs the standard library only): this
+    one, or the system's (this one may live where the user cannot reach, e.g. under /root)."""
+    for path in (sys.executable, shutil.which("python3") or "", "/usr/bin/python3"):
+        if path and _may_run(path, creds):
+            return path
+    return None
+
+
+async def _adopt(child: RemoteChild) -> None:
+    """Wait for a task whose spawner died: it was re-parented to the executor."""
+    delay = 0.005
+    while True:
+        try:
+            pid, status, rusage = os.wait4(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            child.ended(0, None)  # reaped by someone else: its status is lost
+            return
+        if pid:
+            child.ended(status, rusage)
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
