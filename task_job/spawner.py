@@ -14,10 +14,12 @@ import array
 import asyncio
 import logging
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import orjson
@@ -76,6 +78,9 @@ while True:
             _, status, ru = os.wait4(pid, 0)
             send(["exit", pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss])
 """
+
+
+REPLY_WAIT = 0.05  # seconds a spawn waits for its answer in place before awaiting it
 
 
 class RemoteChild(Child):
@@ -152,6 +157,14 @@ class Spawner:
         self._replies.append(reply)
         self._sock.sendmsg([orjson.dumps([argv, env, cwd])], [(
             socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", (stdin, stdout, stderr)))])
+        # Wait for the answer in place, as the executor's own posix_spawn blocks for the exec:
+        # the event loop then handles the events that piled up in few turns (awaiting it
+        # instead made 18x the loop turns and cost more than the spawn itself).
+        deadline = time.monotonic() + REPLY_WAIT
+        while not reply.done() and self._sock is not None and \
+                (left := deadline - time.monotonic()) > 0:
+            if select.select([self._sock], [], [], left)[0]:
+                self._readable()
         answer = await reply
         if not isinstance(answer, RemoteChild):
             raise OSError(answer[1] or None, answer[2])
