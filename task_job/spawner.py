@@ -81,6 +81,7 @@ while True:
 
 
 REPLY_WAIT = 0.05  # seconds a spawn waits for its answer in place before awaiting it
+REPLY_TIMEOUT = 10.0  # seconds before a spawner that does not answer is replaced
 
 
 class RemoteChild(Child):
@@ -165,7 +166,16 @@ class Spawner:
                 (left := deadline - time.monotonic()) > 0:
             if select.select([self._sock], [], [], left)[0]:
                 self._readable()
-        answer = await reply
+        try:
+            # A spawner stopped by one of its user's tasks (SIGSTOP) must not hold slots.
+            answer = await asyncio.wait_for(asyncio.shield(reply), REPLY_TIMEOUT)
+        except TimeoutError:
+            log.error("the spawner of a run_as user did not answer; starting another",
+                      extra={"user": self.creds.user})
+            if self._proc is not None:
+                self._proc.kill()
+            self._lost()
+            answer = await reply
         if not isinstance(answer, RemoteChild):
             raise OSError(answer[1] or None, answer[2])
         if not self._is_theirs(answer.pid):  # never act as root on a pid it made up

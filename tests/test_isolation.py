@@ -228,3 +228,30 @@ async def test_a_killed_spawner_loses_no_task(
     assert done.fields["status"] == "succeeded" and done.fields["exit_code"] == 0
     after = push(sync_redis, config, ["nap.sh"])
     assert (await wait_done(sync_redis, config, after)).fields["status"] == "succeeded"
+
+
+async def test_a_stopped_spawner_is_replaced_and_holds_no_slot(
+        as_root: None, make_config: Callable[..., Config], start_executor: Any,
+        sync_redis: redis.Redis, cmd_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import pwd
+    import signal
+
+    import task_job.spawner
+
+    monkeypatch.setattr(task_job.spawner, "REPLY_TIMEOUT", 1.0)
+    (cmd_dir / "ok.sh").write_text("#!/bin/sh\necho ok\n")
+    (cmd_dir / "ok.sh").chmod(0o755)
+    _open_to_all(cmd_dir)
+    config = make_config(run_as=pwd.getpwuid(NOBODY).pw_name)
+    handle = await start_executor(config)
+    first = push(sync_redis, config, ["ok.sh"])
+    assert (await wait_done(sync_redis, config, first)).fields["status"] == "succeeded"
+    (spawner,) = handle.executor._spawners.values()
+    assert spawner._proc is not None
+    os.kill(spawner._proc.pid, signal.SIGSTOP)  # as a task of that user could
+    stuck = push(sync_redis, config, ["ok.sh"])
+    done = await wait_done(sync_redis, config, stuck)
+    assert done.fields["status"] == "failed" and "spawner" in done.data
+    after = push(sync_redis, config, ["ok.sh"])
+    assert (await wait_done(sync_redis, config, after)).fields["status"] == "succeeded"
