@@ -349,7 +349,7 @@ class Lane:
         except BaseException:
             await conn.disconnect()  # replies may be left unread: start afresh
             raise
-        if any(isinstance(r, ResponseError) and is_oom(r) for r in results):
+        if any(is_oom(r) for r in results):
             results = [RedisOutOfMemory(str(r)) if is_oom(r) else r for r in results]
         if any(isinstance(r, TRANSIENT_ERRORS) for r in results):
             await conn.disconnect()  # e.g. READONLY: reconnect (Sentinel finds the master)

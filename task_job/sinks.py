@@ -20,9 +20,7 @@ from task_job.broker import (
     WAIT_TIMEOUT_MS,
     Broker,
     Oversize,
-    RedisOutOfMemory,
     claim_ref,
-    is_oom,
 )
 from task_job.files import DiskErrors
 from task_job.protocol import (
@@ -41,7 +39,7 @@ BATCH_BYTES = 1 << 20
 OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
 RETRY_CAP = 5.0
 SPILL_RETRY = 1.0  # seconds between attempts to spool to a disk that refused
-NETWORK_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_ERRORS, RedisOutOfMemory)
+NETWORK_ERRORS = TRANSIENT_ERRORS  # RedisOutOfMemory among them (a ConnectionError)
 
 
 @dataclass(slots=True)
@@ -322,12 +320,11 @@ class RedisSink:
         results = await self.broker.send(self.broker.sink_lane, commands)
         if self.broker.wait_replicas:
             results = results[:-1]
-        passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS) or is_oom(r)), None)
+        passing = next((r for r in results if isinstance(r, TRANSIENT_ERRORS)), None)
         if passing is not None:
-            # e.g. READONLY during a failover, or OOM under maxmemory: the batch is sent again
-            # (each script applies whole or not at all, and is safe to repeat).
-            if is_oom(passing):
-                raise RedisOutOfMemory(str(passing))
+            # e.g. READONLY during a failover, or OOM under maxmemory (the lane turns those
+            # replies into RedisOutOfMemory): the batch is sent again (each script applies
+            # whole or not at all, and is safe to repeat).
             raise passing
         self._note_up()
         for result in results:
