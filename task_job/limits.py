@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from task_job.errors import ConfinementError
+from task_job.reaper import tree
 
 KEYS = ("max_memory_mb", "max_cpu_percent", "max_execution_time_secs", "max_output_size_bytes",
         "max_processes", "max_open_files")
@@ -90,28 +91,8 @@ def effective(asked: Mapping[str, float], default: Mapping[str, float],
 
 
 def count_processes(root: int) -> int:
-    """The processes of a task's tree, its main process included: walked through
-    /proc/<pid>/task/*/children (no scan of every process). 0 when the root is gone."""
-    count = 0
-    stack = [root]
-    seen: set[int] = set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        count += 1
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                    stack.extend(int(p) for p in f.read().split())
-            except OSError:
-                continue
-    return count
+    """The processes of a task's tree, its main process included; 0 when the root is gone."""
+    return sum(1 for _ in tree(root))
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -121,26 +102,13 @@ def tree_cpu(root: int) -> float:
     """CPU seconds used so far by a task's tree: each live process's own, plus what the root
     has reaped of its children (/proc/<pid>/stat, clock ticks)."""
     total = 0
-    stack = [root]
-    seen: set[int] = set()
-    while stack:
-        pid = stack.pop()
-        if pid in seen:
-            continue
-        seen.add(pid)
+    for pid in tree(root):
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
-            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
-            continue
+            continue  # gone since the walk saw it
         total += int(fields[11]) + int(fields[12])
         if pid == root:
             total += int(fields[13]) + int(fields[14])
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
-                    stack.extend(int(p) for p in f.read().split())
-            except OSError:
-                continue
     return total / _TICK

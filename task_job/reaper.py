@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -26,28 +26,44 @@ SWEEP_INTERVAL = 0.5  # seconds between sweeps: how long a finished task's orpha
 SETTLE = 3.0  # seconds of sweeps after a task ends or an orphan is killed
 
 
-def set_subreaper(on: bool) -> bool:
-    """Make this process the reaper of its descendants' orphans, or stop (Linux 3.4+)."""
+def become_subreaper() -> bool:
+    """Make this process the reaper of its descendants' orphans (Linux 3.4+)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 
 
-def _children() -> set[int]:
-    """This process's children, all threads' (orphans are re-parented to the process)."""
-    found: set[int] = set()
+def children_of(pid: int | str) -> list[int]:
+    """A process's children, all its threads' (/proc/<pid>/task/*/children); [] when gone.
+    Orphans re-parented to a subreaper are listed under it too."""
+    found: list[int] = []
     try:
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                    found.update(int(p) for p in f.read().split())
-            except OSError:
-                continue
+        tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        pass
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
     return found
+
+
+def tree(root: int) -> Iterator[int]:
+    """The live processes of root's tree, root first, walked down through children_of (no
+    scan of every process on the host)."""
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or not os.path.exists(f"/proc/{pid}"):
+            continue
+        seen.add(pid)
+        yield pid
+        stack.extend(children_of(pid))
 
 
 def _marker_of(pid: int) -> str | None:
@@ -81,7 +97,7 @@ class Reaper:
         self._quiet_after = 0.0
 
     def start(self) -> None:
-        self.enabled = set_subreaper(True)
+        self.enabled = become_subreaper()
         if not self.enabled:
             log.warning("cannot become a child subreaper: a task's setsid children may outlive it")
 
@@ -114,7 +130,7 @@ class Reaper:
         running = self.running()
         known = self.task_pids()
         killed = 0
-        for pid in _children() - known:
+        for pid in set(children_of("self")) - known:
             token = self._adopted.get(pid) or _marker_of(pid)
             if token is None or not token.startswith(self.prefix):
                 continue  # not a task's of ours (the guard, another executor in this process)
