@@ -137,7 +137,7 @@ class Executor:
         self._guard = Guard(config.max_concurrency) if config.die_with_executor else None
         self._prlimit = shutil.which("prlimit", path=self._env.get("PATH"))
         self.users = Users(config.run_as, config.allowed_users)
-        self._spawners: dict[int, Spawner] = {}  # per run_as uid, started at first use
+        self._spawners: dict[int, Spawner | None] = {}  # per run_as uid; None: use Popen
         self.reaper = Reaper(
             self._claim_prefix, running=lambda: {tr.token for tr in self.running.values()},
             task_pids=lambda: {tr.run.pid for tr in self.running.values()
@@ -211,7 +211,8 @@ class Executor:
                     await http
         finally:
             for spawner in self._spawners.values():
-                spawner.close()
+                if spawner is not None:
+                    spawner.close()
             self.reaper.stop()
             if self.link.connected_for() > 0:
                 await self.fleet.deregister()
@@ -533,15 +534,14 @@ class Executor:
     def _spawner_for(self, creds: Credentials) -> Spawner | None:
         """The spawner of a run_as user; None (Popen, slower) where no Python it may run is
         found for one."""
-        spawner = self._spawners.get(creds.uid)
-        if spawner is None or spawner.creds != creds:
+        if creds.uid not in self._spawners:  # decided once per user (Users keeps its creds)
             if interpreter_for(creds) is None:
                 log.warning("no python the run_as user may run: its tasks start the slow way",
                             extra={"user": creds.user})
-                self._spawners.pop(creds.uid, None)
-                return None
-            spawner = self._spawners[creds.uid] = Spawner(creds)
-        return spawner
+                self._spawners[creds.uid] = None
+            else:
+                self._spawners[creds.uid] = Spawner(creds)
+        return self._spawners[creds.uid]
 
     def _limited(self, limits: Limits, argv: list[str], timeout: float | None, max_output: int
                  ) -> tuple[list[str], float | None, int]:

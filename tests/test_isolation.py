@@ -221,6 +221,7 @@ async def test_a_killed_spawner_loses_no_task(
     await wait_until(lambda: records_of(sync_redis, config, napping) or
                      handle.executor._spawners, what="a spawner")
     (spawner,) = handle.executor._spawners.values()
+    assert spawner is not None
     await wait_until(lambda: spawner._proc is not None and spawner._children, what="the nap running")
     assert spawner._proc is not None
     os.kill(spawner._proc.pid, signal.SIGKILL)
@@ -248,6 +249,7 @@ async def test_a_stopped_spawner_is_replaced_and_holds_no_slot(
     first = push(sync_redis, config, ["ok.sh"])
     assert (await wait_done(sync_redis, config, first)).fields["status"] == "succeeded"
     (spawner,) = handle.executor._spawners.values()
+    assert spawner is not None
     assert spawner._proc is not None
     os.kill(spawner._proc.pid, signal.SIGSTOP)  # as a task of that user could
     stuck = push(sync_redis, config, ["ok.sh"])

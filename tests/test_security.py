@@ -324,22 +324,6 @@ def test_env_policy_denies_by_family_whatever_the_allow_list() -> None:
     assert narrowed.refusal("OTHER", "x") is not None
 
 
-def _interpreter_for(uid: int) -> str | None:
-    """A Python of this minor version that `uid` may run (this one may live under /root)."""
-    minor = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for candidate in (sys.executable, os.path.realpath(sys.executable), f"/usr/bin/{minor}",
-                      f"/usr/local/bin/{minor}"):
-        # The tests start `sys.executable` again (executors, the guard): it must be runnable
-        # by that user under its own name, not only found through a symlink.
-        probe = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-                                candidate, "-c", "import os, sys; "
-                                "sys.exit(0 if os.access(sys.executable, os.X_OK) else 1)"],
-                               capture_output=True)
-        if probe.returncode == 0:
-            return candidate
-    return None
-
-
 @pytest.mark.skipif(os.environ.get("TASK_JOB_TEST_UNPRIVILEGED") == "1",
                     reason="this run is the unprivileged one")
 def test_the_same_attacks_fail_when_everything_runs_as_an_unprivileged_user(tmp_path: Path) -> None:
@@ -348,8 +332,15 @@ def test_the_same_attacks_fail_when_everything_runs_as_an_unprivileged_user(tmp_
         pytest.skip("not root: this run is the unprivileged one already")
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is missing: cannot drop to an unprivileged user")
+    import pwd
+
+    from task_job.spawner import interpreter_for
+    from task_job.users import lookup
+
     nobody = 65534
-    python = _interpreter_for(nobody)
+    # The tests start `sys.executable` again (executors, the guard): it must be a Python that
+    # user may run under its own name, as the executor's spawner needs one too.
+    python = interpreter_for(lookup(pwd.getpwuid(nobody).pw_name))
     if python is None:
         pytest.skip(f"no python{sys.version_info[0]}.{sys.version_info[1]} that uid {nobody} may run")
     home = tmp_path / "nobody"
