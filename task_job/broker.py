@@ -62,10 +62,15 @@ BIG_CLAIM = 16 << 10  # claimed messages bigger than this are named by digest, n
 
 def claim_ref(raw: bytes) -> bytes:
     """How a settling script finds a claimed message in a processing list: the message
-    itself, or for a big one (or one that looks like a reference) 'sha1:<hex>:<length>'."""
+    itself, or for a big one (or one that looks like a reference) its digest_ref."""
     if len(raw) <= BIG_CLAIM and not raw.startswith(b"sha1:"):
         return raw
-    return b"sha1:%s:%d" % (hashlib.sha1(raw).hexdigest().encode(), len(raw))
+    return digest_ref(hashlib.sha1(raw).hexdigest(), len(raw))
+
+
+def digest_ref(digest: str, size: int) -> bytes:
+    """'sha1:<hex>:<length>', as lib_unclaim.lua reads it."""
+    return b"sha1:%s:%d" % (digest.encode(), size)
 
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
@@ -413,7 +418,7 @@ class Oversize:
     @property
     def ref(self) -> bytes:
         """How settling scripts find it in a processing list (see claim_ref)."""
-        return b"sha1:%s:%d" % (self.digest.encode(), self.size)
+        return digest_ref(self.digest, self.size)
 
 
 OVERSIZE_PREFIX = 64 << 10

@@ -325,7 +325,7 @@ class Run:
                     fut.cancel()
             if proc.returncode is None:  # cancelled from outside: leave nothing running
                 _killpg(proc.pid, signal.SIGKILL)
-                await asyncio.shield(_reap(proc))
+                await asyncio.shield(poll_until_reaped(proc))
             if self._stdin_fd >= 0:
                 os.close(self._stdin_fd)
                 self._stdin_fd = -1
@@ -498,7 +498,7 @@ def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio
         mark()  # already exited and reaped
         return fut, lambda: None
     except (AttributeError, OSError):
-        poller = asyncio.ensure_future(_reap(proc))
+        poller = asyncio.ensure_future(poll_until_reaped(proc))
         poller.add_done_callback(lambda _: mark())
         return fut, lambda: None if poller.cancel() else None
     watcher.add_reader(fd, mark)
@@ -510,7 +510,7 @@ def _exit_future(proc: Child, watcher: _Watcher | _LoopWatcher) -> tuple[asyncio
     return fut, release
 
 
-async def _reap(proc: Child) -> None:
+async def poll_until_reaped(proc: Child) -> None:
     """Wait for a process without a pidfd or a thread: poll it."""
     delay = 0.001
     while proc.poll() is None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from task_job.runner import Child, Credentials
+from task_job.runner import Child, Credentials, poll_until_reaped
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class RemoteChild(Child):
         self.pidfd = pidfd  # from the spawner, opened before the pid could be reused
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def ended(self, status: int, rusage: Any) -> None:
+    def ended(self, returncode: int, rusage: Any) -> None:
         if self.returncode is None:
-            self.returncode = os.waitstatus_to_exitcode(status)
+            self.returncode = returncode
             self.rusage = rusage
         if not self._done.done():
             self._done.set_result(None)
@@ -221,7 +221,8 @@ class Spawner:
         if msg[0] == "exit":
             child = self._children.pop(int(msg[1]), None)
             if child is not None:
-                child.ended(int(msg[2]), _Usage(msg[3], msg[4], int(msg[5])))
+                child.ended(os.waitstatus_to_exitcode(int(msg[2])),
+                            _Usage(msg[3], msg[4], int(msg[5])))
         elif msg[0] == "spawned" and self._replies:
             # Known from this moment: its exit may be the very next message.
             child = RemoteChild(int(msg[1]), fds[0] if fds else -1)
@@ -293,16 +294,12 @@ def interpreter_for(creds: Credentials) -> str | None:
 
 
 async def _adopt(child: RemoteChild) -> None:
-    """Wait for a task whose spawner died: it was re-parented to the executor."""
-    delay = 0.005
-    while True:
-        try:
-            pid, status, rusage = os.wait4(child.pid, os.WNOHANG)
-        except ChildProcessError:
-            child.ended(0, None)  # reaped by someone else: its status is lost
-            return
-        if pid:
-            child.ended(status, rusage)
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.1)
+    """Wait for a task whose spawner died: it was re-parented to the executor, its
+    subreaper, and is waited for as the executor's own children are (polled)."""
+    own = Child(child.pid)
+    try:
+        await poll_until_reaped(own)
+    except ChildProcessError:  # reaped by someone else: its status is lost
+        own.returncode = own.returncode if own.returncode is not None else 0
+    assert own.returncode is not None
+    child.ended(own.returncode, own.rusage)
