@@ -196,12 +196,6 @@ class EnvPolicy:
             and not _URL_WITH_PASSWORD.search(v)
         }
 
-    def task_env(self, base: dict[str, str], requested: Mapping[str, str]) -> dict[str, str]:
-        if not requested:
-            return base
-        self.check(requested)
-        return {**base, **requested}
-
 
 # -- interpreters and their options --------------------------------------------------------
 

@@ -478,7 +478,9 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
-        env = {**self.env_policy.task_env(self._env, task.env), MARKER: tr.token}
+        if task.env:
+            self.env_policy.check(task.env)
+        env = {**self._env, **task.env, MARKER: tr.token}  # one copy, whatever the task sets
         creds = self.users.for_task(task.user)
         if creds is not None:
             env.update(HOME=creds.home, USER=creds.user, LOGNAME=creds.user)
