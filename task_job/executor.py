@@ -439,7 +439,7 @@ class Executor:
     def _reject_oversize(self, claim: Oversize) -> None:
         reason = f"message of {claim.size} bytes exceeds the limit of {self.config.max_message_bytes}"
         log.warning("rejected message", extra={"status": "rejected", "reason": reason})
-        self._track(self.sink.dead_letter_oversize(claim, reason))
+        self._track(self.sink.dead_letter(claim, reason))
 
     def _track(self, future: asyncio.Future[Any]) -> None:
         future.add_done_callback(_log_failure)

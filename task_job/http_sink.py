@@ -19,7 +19,7 @@ import orjson
 
 from task_job.config import redact_url
 from task_job.files import DiskErrors
-from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
+from task_job.spool import SPILL_RETRY, Call, SpoolFile, leftover_spools, spool_name
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class HttpSink:
             if self._closing:
                 self._lost_at_close = len(self._records)
                 return
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(SPILL_RETRY)
             return
         self._disk_errors.ok()
         if not self._spool_active:

@@ -31,14 +31,13 @@ from task_job.protocol import (
     build_done_record,
     build_output_record,
 )
-from task_job.spool import Call, SpoolFile, leftover_spools, spool_name
+from task_job.spool import SPILL_RETRY, Call, SpoolFile, leftover_spools, spool_name
 
 log = logging.getLogger(__name__)
 
 BATCH_BYTES = 1 << 20
 OP_OVERHEAD = 256  # bytes counted per operation beyond its payload
 RETRY_CAP = 5.0
-SPILL_RETRY = 1.0  # seconds between attempts to spool to a disk that refused
 NETWORK_ERRORS = TRANSIENT_ERRORS  # RedisOutOfMemory among them (a ConnectionError)
 
 
@@ -184,23 +183,20 @@ class RedisSink:
                        keys.processing(self.executor), keys.dead]
         return self._script("finish", script_keys, args, len(record) + len(ref) + len(dead))
 
-    def dead_letter(self, raw: bytes, reason: str, *, claimed: bool = True) -> asyncio.Future[Any]:
+    def dead_letter(self, raw: bytes | Oversize, reason: str, *, claimed: bool = True
+                    ) -> asyncio.Future[Any]:
         """Move a claimed message (or, `claimed=False`, one that never was: a control
-        message) to the dead-letter list with its reason; a big one is kept as a prefix."""
+        message) to the dead-letter list with its reason; a big one is kept as a prefix, and
+        one never read whole (Oversize) is found in the processing list by its digest."""
         keys = self.broker.keys
-        entry = build_dead_entry(raw, reason, self.executor, time.time())
-        ref = claim_ref(raw) if claimed else b""
+        if isinstance(raw, Oversize):
+            entry = build_dead_entry(raw.prefix, reason, self.executor, time.time(), size=raw.size)
+            ref = raw.ref
+        else:
+            entry = build_dead_entry(raw, reason, self.executor, time.time())
+            ref = claim_ref(raw) if claimed else b""
         return self._script("dead_letter", [keys.processing(self.executor), keys.dead],
                             [ref, entry, self.broker.config.dead_max_len], len(ref) + len(entry))
-
-    def dead_letter_oversize(self, claim: Oversize, reason: str) -> asyncio.Future[Any]:
-        """Dead-letter a claimed message that was never read whole: its prefix, size and reason
-        go to the list, the claim is found in the processing list by its digest."""
-        keys = self.broker.keys
-        entry = build_dead_entry(claim.prefix, reason, self.executor, time.time(), size=claim.size)
-        return self._script("dead_letter", [keys.processing(self.executor), keys.dead],
-                            [claim.ref, entry, self.broker.config.dead_max_len],
-                            len(claim.ref) + len(entry))
 
     def _script(self, name: str, keys: list[str], args: list[Any], size: int) -> asyncio.Future[Any]:
         # Settling ops are small and never wait for space: they must not deadlock behind

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 # One frame: 4-byte big-endian length, then JSON [kind, name, keys, args].
 _HEADER = struct.Struct(">I")
 Call = tuple[str, str, list[str], list[Any]]  # ("script", name, keys, args) or ("cmd", "", [], args)
+SPILL_RETRY = 1.0  # seconds between attempts to spool to a disk that refused (both sinks)
 
 
 def _encode_arg(value: Any) -> Any:
