@@ -303,11 +303,6 @@ def inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def resolve_workdir(cmd_dir: str, cwd: str | None) -> str:
-    """The real working directory of a task: cmd_dir, or task.cwd inside it."""
-    return _workdir(os.path.realpath(cmd_dir), cwd)
-
-
 def _check_length(word: str, what: str) -> None:
     if len(word) > PATH_MAX or any(len(part) > NAME_MAX for part in word.split("/")):
         raise ConfinementError(f"{what} {word[:64]!r}… is too long for a path")
