@@ -91,7 +91,6 @@ class Reaper:
         self.task_pids = task_pids  # pids the runner spawned and reaps itself
         self.guard = guard  # runner.Guard: inherited groups of running tasks die with us too
         self.enabled = False
-        self.killed = 0
         self._adopted: dict[int, str] = {}  # inherited pid -> token
         self._guarded: dict[int, int] = {}  # inherited pid -> the group the guard watches
         self._quiet_after = 0.0
@@ -147,7 +146,6 @@ class Reaper:
                 continue
             killed += self._kill(pid)
         self._reap()
-        self.killed += killed
         return killed
 
     def _kill(self, pid: int) -> int:
