@@ -1,7 +1,8 @@
 """Cost of the hardening on the claim-run-report path: executor CPU per task, this checkout
 against a baseline commit (default: the last one before the hardening), in alternated runs
 of N `true` tasks that each carry a few `env` variables (so the environment policy has work
-to do), at max_concurrency 16. Prints the median CPU per task of each side and the difference.
+to do), at max_concurrency 16. Prints the median CPU per task of each side and the difference,
+and the median throughput of each (push to the last done record).
 
     python bench/policy_cost.py [--tasks 2000] [--runs 5] [--baseline 42a440d]
 """
@@ -79,11 +80,13 @@ def main() -> None:
         shutil.copy(shutil.which("true") or "/bin/true", os.path.join(cmd_dir, "true"))
         try:
             sides: dict[str, list[float]] = {"baseline": [], "this": []}
+            took: dict[str, list[float]] = {"baseline": [], "this": []}
             with redis_server() as (server, r):
                 for i in range(args.runs):
                     order = [("baseline", base), ("this", ROOT)]
                     for name, checkout in (order if i % 2 == 0 else order[::-1]):
-                        sides[name].append(run_once(checkout, server.url, r, cmd_dir, args.tasks))
+                        sides[name].append(run_once(checkout, server.url, r, cmd_dir, args.tasks,
+                                                    took[name]))
                         print(f"run {i + 1} {name:8}: {sides[name][-1] * 1e6:6.0f} us CPU per task",
                               flush=True)
         finally:
@@ -95,6 +98,8 @@ def main() -> None:
     print(f"baseline {args.baseline}: median {b * 1e6:.0f} us executor CPU per task")
     print(f"this checkout:    median {t * 1e6:.0f} us executor CPU per task")
     print(f"difference: {(t - b) * 1e6:+.0f} us per task ({t / b:.3f}x)")
+    rb, rt = (args.tasks / statistics.median(took[k]) for k in ("baseline", "this"))
+    print(f"throughput: baseline {rb:.0f} tasks/s, this checkout {rt:.0f} tasks/s ({rt / rb:.2f}x)")
 
 
 if __name__ == "__main__":
