@@ -242,7 +242,8 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
             click.echo(ident)
             if not wait:
                 return 0
-            return await _follow(client, ident, as_json=False, timeout=wait_timeout)
+            return await _follow(client, ident, as_json=False, timeout=wait_timeout,
+                                 just_pushed=True)
 
     sys.exit(_run_client(go, config))
 
@@ -277,9 +278,11 @@ async def _print_records(client: Any, task_id: str, *, follow: bool, as_json: bo
     return code
 
 
-async def _follow(client: Any, task_id: str, *, as_json: bool, timeout: float | None) -> int:
-    """Follow a task to its done record, saying plainly when the id is unknown so far."""
-    kind, _ = await client.whereabouts(task_id)
+async def _follow(client: Any, task_id: str, *, as_json: bool, timeout: float | None,
+                  just_pushed: bool = False) -> int:
+    """Follow a task to its done record, saying plainly when the id is unknown so far (not
+    for one just pushed, which has no state until an executor claims it)."""
+    kind = "pushed" if just_pushed else (await client.whereabouts(task_id))[0]
     if kind == "unknown":
         click.echo(f"task-job: {task_id} has no state yet (queued, not pushed, expired or "
                    "dead-lettered); waiting for it", err=True)
