@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -28,9 +29,11 @@ ENV = {"MODE": "ci", "CI_BRANCH": "main", "BUILD_ID": "42", "LANG": "C.UTF-8"}
 
 
 def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int,
-             elapsed: list[float] | None = None, **config: object) -> float:
-    """Executor CPU seconds per task for n tasks, the executor started from `checkout`; the
-    time from the pushes to the last done record is appended to `elapsed` when given."""
+             elapsed: list[float] | None = None, cpu: Callable[[int], float] = cpu_seconds,
+             **config: object) -> float:
+    """Executor CPU seconds per task for n tasks (as `cpu` reads them from its pid), the
+    executor started from `checkout`; the time from the pushes to the last done record is
+    appended to `elapsed` when given."""
     r.flushall()
     with tempfile.TemporaryDirectory(prefix="tj-cost-") as tmp:
         cfg = {"redis_addr": url, "cmd_dir": cmd_dir, "state_dir": tmp, "executor_id": "cost",
@@ -47,7 +50,7 @@ def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int,
                     raise RuntimeError(f"executor from {checkout} did not start")
                 time.sleep(0.01)
             time.sleep(0.3)  # let start-up work settle before the CPU is read
-            before = cpu_seconds(proc.pid)
+            before = cpu(proc.pid)
             pipe = r.pipeline(transaction=False)
             for i in range(n):
                 pipe.rpush("queue_job_task", json.dumps(
@@ -58,7 +61,7 @@ def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int,
                 time.sleep(0.005)
             if elapsed is not None:
                 elapsed.append(time.perf_counter() - t0)
-            used = cpu_seconds(proc.pid) - before
+            used = cpu(proc.pid) - before
             statuses = {json.loads(x)["status"] for x in r.lrange("queue_job_task_logs", 0, -1)}
             assert statuses == {"succeeded"}, statuses
         finally:

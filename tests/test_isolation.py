@@ -257,3 +257,43 @@ async def test_a_stopped_spawner_is_replaced_and_holds_no_slot(
     assert done.fields["status"] == "failed" and "spawner" in done.data
     after = push(sync_redis, config, ["ok.sh"])
     assert (await wait_done(sync_redis, config, after)).fields["status"] == "succeeded"
+
+
+async def test_tasks_started_together_through_the_spawner_each_get_their_own_answer(
+        as_root: None, make_config: Callable[..., Config], start_executor: Any,
+        sync_redis: redis.Redis, cmd_dir: Path) -> None:
+    """Spawns of one loop turn travel as one batch: each task still gets its own pid, output
+    and exit code, a failing exec fails only its own task, an environment far beyond the
+    socket's default buffer is carried, and one beyond the spawner's limit is refused."""
+    import pwd
+
+    (cmd_dir / "me.sh").write_text('#!/bin/sh\necho "$1 $(id -u) ${#BIG}"\nexit "$1"\n')
+    (cmd_dir / "me.sh").chmod(0o755)
+    (cmd_dir / "broken.sh").write_text("#!/no/such/interpreter\n")
+    (cmd_dir / "broken.sh").chmod(0o755)
+    _open_to_all(cmd_dir)
+    config = make_config(run_as=pwd.getpwuid(NOBODY).pw_name, max_concurrency=40,
+                         max_message_bytes=16 << 20)
+    pipe = sync_redis.pipeline()
+    ids = []
+    for i in range(30):  # pushed at once: claimed together, spawned in few batches
+        ids.append(uuid.uuid4().hex)
+        argv = ["broken.sh"] if i == 7 else ["me.sh", str(i % 5)]
+        env = {"BIG": "x" * 100_000, **{f"BIG{k}": "y" * 100_000 for k in range(5)}} if i == 3 else {}
+        pipe.rpush(config.queue_name, orjson.dumps(
+            {"id": ids[-1], "task": {"cmdline": argv[0], "cmd_args": argv[1:], "env": env}}))
+    huge = uuid.uuid4().hex
+    pipe.rpush(config.queue_name, orjson.dumps({"id": huge, "task": {
+        "cmdline": "me.sh", "cmd_args": ["0"], "env": {f"V{k}": "z" * 100_000 for k in range(50)}}}))
+    pipe.execute()
+    await start_executor(config)
+    for i, task_id in enumerate(ids):
+        done = await wait_done(sync_redis, config, task_id)
+        if i == 7:
+            assert done.fields["status"] == "failed" and "cannot start" in done.data
+            continue
+        out = "".join(r.data for r in records_of(sync_redis, config, task_id) if r.msg_type == "stdout")
+        assert out.split() == [str(i % 5), str(NOBODY), "100000" if i == 3 else "0"]
+        assert done.fields["exit_code"] == i % 5
+    done = await wait_done(sync_redis, config, huge)
+    assert done.fields["status"] == "failed" and "too big to start as" in done.data
