@@ -74,7 +74,7 @@ def digest_ref(digest: str, size: int) -> bytes:
 
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
-                "heartbeat", "takeover", "adopt")
+                "heartbeat", "takeover", "adopt", "requeue_dead")
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +124,19 @@ class Keys:
 
     def log(self, task_id: str) -> str:
         return f"{self.tag}:log:{task_id}"
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel of task state changes (running, and each done status)."""
+        return f"{self.tag}:events"
+
+    def recent(self, status: str = "") -> str:
+        """Finished tasks by finish time, all or of one status (trimmed at the state TTL)."""
+        return f"{self.tag}:recent:{status}" if status else f"{self.tag}:recent"
+
+    def recent_by(self, executor: str) -> str:
+        """Finished tasks of one executor, by finish time."""
+        return f"{self.tag}:recent_by:{executor}"
 
 
 class Scripts:

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,7 +22,7 @@ from redis.exceptions import RedisError
 from task_job import __version__
 from task_job.broker import describe
 from task_job.config import Config, load_config
-from task_job.errors import BrokerError, ConfigError, TaskJobError
+from task_job.errors import BrokerError, ConfigError, ProtocolError, TaskJobError
 
 _GO_FLAG = re.compile(r"-([A-Za-z][A-Za-z0-9_]+)(=.*)?")
 
@@ -397,6 +398,209 @@ def executors(config_path: str | None, redis_addr: str | None, queue_name: str |
         return 0
 
     sys.exit(_run_client(go, config))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--port", "server_port", type=int, metavar="PORT", help="server_port.")
+@click.option("--socket", "server_socket", metavar="PATH", help="server_socket.")
+def api(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+        server_port: int | None, server_socket: str | None) -> None:
+    """Serve the management API without running tasks (a control plane for a fleet)."""
+    from task_job.logs import setup_logging
+
+    config = _load(config_path, check_paths=False, redis_addr=redis_addr, queue_name=queue_name,
+                   server_port=server_port, server_socket=server_socket)
+    if not (config.server_port or config.server_socket):
+        fail("api: set server_port or server_socket (in the config file, or --port/--socket)")
+    setup_logging(config.log_level, config.log_dir, to_stderr=not config.log_dir)
+
+    async def serve() -> None:
+        from task_job.api.serve import ApiServer
+
+        server = ApiServer(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        if server.token_file:
+            click.echo(f"task-job: admin token in {server.token_file}", err=True)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except TaskJobError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"api: {exc.strerror or exc}", code=1)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(orjson.dumps(data).decode())
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, (int, float)):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("task_id")
+def status(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+           as_json: bool, task_id: str) -> None:
+    """A task's state, executor, times, exit and last output lines."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            found = await client.task(task_id)
+            last = {"stdout": b"", "stderr": b""}
+            if found is not None:
+                async for record in client.records(task_id):
+                    if record.msg_type in last:
+                        last[record.msg_type] = (last[record.msg_type] + record.payload)[-65536:]
+        if found is None:
+            fail(f"unknown task {task_id!r} (never claimed, or its state expired)", code=1)
+        lines = {k: [ln for ln in v.decode("utf-8", "replace").splitlines() if ln.strip()][-3:]
+                 for k, v in last.items()}
+        if as_json:
+            _print_json({**found, "stdout_last": lines["stdout"], "stderr_last": lines["stderr"]})
+            return 0
+        done = found.get("done") or {}
+        click.echo(f"task      {task_id}\nstatus    {found.get('status')}\n"
+                   f"executor  {found.get('executor') or '-'}\nattempt   {found.get('attempt') or '-'}\n"
+                   f"claimed   {_when(found.get('claimed_at'))}\nstarted   {_when(found.get('started_at'))}\n"
+                   f"finished  {_when(found.get('finished_at'))}\nexit      "
+                   f"{found.get('exit_code') if found.get('exit_code') is not None else '-'}")
+        if done.get("data"):
+            click.echo(f"summary   {done['data']}")
+        for kind in ("stdout", "stderr"):
+            for line in lines[kind]:
+                click.echo(f"{kind}    {line}")
+        return 0
+
+    sys.exit(_run_client(go, config))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--status", "status_", metavar="STATUS", help="queued, running, or a done status.")
+@click.option("--executor", metavar="ID", help="Tasks of one executor.")
+@click.option("--limit", type=int, default=50, show_default=True, help="Rows at most.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def tasks(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+          status_: str | None, executor: str | None, limit: int, as_json: bool) -> None:
+    """Running, queued and recent finished tasks."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            try:
+                rows, _ = await client.tasks(status=status_, executor=executor, limit=limit)
+            except ValueError as exc:
+                fail(str(exc))
+        if as_json:
+            _print_json(rows)
+            return 0
+        click.echo(f"{'ID':34} {'STATUS':10} {'EXECUTOR':28} {'EXIT':>4}  FINISHED")
+        for row in rows:
+            code = row.get("exit_code")
+            click.echo(f"{str(row.get('id'))[:34]:34} {row.get('status', '?'):10} "
+                       f"{str(row.get('executor') or '-')[:28]:28} {'-' if code is None else code:>4}  "
+                       f"{_when(row.get('finished_at'))}")
+        return 0
+
+    sys.exit(_run_client(go, config))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--requeue", "requeue_id", metavar="ID", help="Put this dead letter back on the queue.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def dead(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+         requeue_id: str | None, as_json: bool) -> None:
+    """Dead letters with their reasons; --requeue ID after a fix."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go() -> int:
+        from task_job.client import Client
+
+        async with Client(config) as client:
+            if requeue_id:
+                try:
+                    row = await client.requeue_dead(requeue_id, by=f"cli:{_user()}")
+                except ProtocolError as exc:
+                    fail(exc.reason, code=1)
+                if row is None:
+                    fail(f"no dead letter {requeue_id} (requeued already, or trimmed)", code=1)
+                click.echo(f"requeued {requeue_id}")
+                return 0
+            rows, _ = await client.dead_letters(limit=1000)
+        if as_json:
+            _print_json(rows)
+            return 0
+        for row in rows:
+            click.echo(f"{row['id']}  {_when(row.get('ts'))}  {row.get('reason')}")
+        return 0
+
+    sys.exit(_run_client(go, config))
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _drain_command(resume: bool) -> Any:
+    @config_option
+    @redis_option
+    @queue_option
+    @click.argument("executor_id")
+    def command(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+                executor_id: str) -> None:
+        config = _client_config(config_path, redis_addr, queue_name)
+
+        async def go() -> int:
+            from task_job.client import Client
+
+            async with Client(config) as client:
+                if not await client.drain(executor_id, by=f"cli:{_user()}", resume=resume):
+                    fail(f"no executor {executor_id!r} is registered", code=1)
+            click.echo(f"{'resume' if resume else 'drain'} sent to {executor_id}")
+            return 0
+
+        sys.exit(_run_client(go, config))
+
+    command.__doc__ = ("Let a drained executor claim again." if resume else
+                       "Stop an executor claiming; its running tasks finish (resume undoes it).")
+    return command
+
+
+cli.command("drain")(_drain_command(resume=False))
+cli.command("resume")(_drain_command(resume=True))
 
 
 @cli.command("check-config")

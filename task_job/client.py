@@ -6,15 +6,32 @@ Talks to Redis through `Broker`'s key names; never runs tasks itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
+
+import orjson
 
 from task_job.broker import BLOCK_MAX, Broker
 from task_job.config import Config
 from task_job.errors import ProtocolError
-from task_job.protocol import Record, build_control, build_task, parse_record, parse_task
+from task_job.protocol import (
+    Record,
+    Status,
+    Task,
+    build_control,
+    build_task,
+    parse_record,
+    parse_task,
+    peek_id,
+)
+
+FINISHED = tuple(s.value for s in Status)
+TASK_STATUSES = ("queued", "running", *FINISHED)
+PAGE_MAX = 1000
+RECENT_WINDOW = 10_000  # finished tasks examined for filters without an index (labels, time)
 
 
 class Client:
@@ -65,13 +82,36 @@ class Client:
         await self.broker.redis.rpush(self.keys.queue, message)
         return task_id
 
+    async def submit_message(self, message: dict[str, Any], by: str | None = None) -> Task:
+        """Validate a whole task message (the queue's JSON) as an executor will, refuse a
+        known id, and push it; `by` (who submitted it) is written into the message."""
+        if by is not None:
+            message = {**message, "submitted_by": by}
+        raw = orjson.dumps(message)
+        task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
+        status = await self.broker.redis.hget(self.keys.task(task.id), "status")
+        if status is not None and status != b"cancel_requested":
+            raise ProtocolError(f"task id {task.id!r} is already known ({status.decode()}): "
+                                "an id runs at most once; choose another", task.id)
+        await self.broker.redis.rpush(self.keys.queue, raw)
+        return task
+
     async def push_raw(self, message: bytes | str) -> None:
         """Push a message exactly as given (for compatibility tests and tools)."""
         await self.broker.redis.rpush(self.keys.queue, message)
 
-    async def kill(self, task_id: str) -> None:
+    async def kill(self, task_id: str, by: str | None = None) -> None:
         """Ask the fleet to kill a task (or cancel it if it has not started)."""
-        await self.broker.redis.rpush(self.keys.control, build_control(task_id))
+        await self.broker.redis.rpush(self.keys.control, build_control(task_id, by=by))
+
+    async def drain(self, executor: str, by: str | None = None, resume: bool = False) -> bool:
+        """Ask one executor to stop claiming (its running tasks finish), or to claim again;
+        False when no such executor is registered."""
+        if await self.broker.redis.zscore(self.keys.executors, executor) is None:
+            return False
+        await self.broker.redis.rpush(self.keys.inbox(executor),
+                                      build_control(executor, "resume" if resume else "drain", by))
+        return True
 
     async def whereabouts(self, task_id: str) -> tuple[str, str]:
         """(kind, status) of an id: ('unknown', ''), ('pending', 'cancel_requested'),
@@ -90,8 +130,9 @@ class Client:
         return {k.decode(): v.decode() for k, v in raw.items()}
 
     async def records(self, task_id: str, *, follow: bool = False,
-                      block: float = 1.0) -> AsyncIterator[Record]:
-        """A task's records from its stream; with follow, until (and including) `done`."""
+                      block: float = 1.0, after_seq: int = -1) -> AsyncGenerator[Record, None]:
+        """A task's records from its stream; with follow, until (and including) `done`;
+        those with a seq above `after_seq` only (a resumed reader's)."""
         key = self.keys.log(task_id)
         last = b"0-0"
         while True:
@@ -105,6 +146,8 @@ class Client:
                 for entry_id, fields in entries:
                     last = entry_id
                     record = parse_record(fields[b"r"])
+                    if record.seq <= after_seq:
+                        continue
                     yield record
                     if record.is_done:
                         return
@@ -118,17 +161,275 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def executors(self) -> list[dict[str, Any]]:
-        """The registered executors with the age of their last heartbeat."""
+        """The registered executors, typed, with the age of their last heartbeat; `dead`
+        when it is older than the executor's own dead_after (from its entry)."""
         redis = self.broker.redis
         now_ms = time.time() * 1000
+        members = await redis.zrange(self.keys.executors, 0, -1, withscores=True)
+        pipe = redis.pipeline(transaction=False)
+        for member, _ in members:
+            pipe.hgetall(self.keys.executor(member.decode()))
+        infos = await pipe.execute() if members else []
         out = []
-        for member, score in await redis.zrange(self.keys.executors, 0, -1, withscores=True):
-            ident = member.decode()
-            info = await redis.hgetall(self.keys.executor(ident))
-            row: dict[str, Any] = {k.decode(): v.decode() for k, v in info.items()}
-            row["id"] = ident
+        for (member, score), info in zip(members, infos, strict=True):
+            row = typed_executor({k.decode(): v.decode() for k, v in info.items()})
+            row["id"] = member.decode()
             row["heartbeat_age_s"] = round((now_ms - score) / 1000, 3)
-            if row["heartbeat_age_s"] > self.config.dead_after:
+            dead_after = row.get("dead_after") or self.config.dead_after
+            if row["heartbeat_age_s"] > dead_after:
                 row["status"] = "dead"
             out.append(row)
         return out
+
+    async def executor(self, executor: str) -> dict[str, Any] | None:
+        return next((e for e in await self.executors() if e["id"] == executor), None)
+
+    async def task(self, task_id: str) -> dict[str, Any] | None:
+        """A task's state (typed), its message while queued or running, and its done record
+        once finished; None for an id nobody knows (or whose state has expired)."""
+        state = await self.state(task_id)
+        if not state:
+            return None
+        out = typed_state(task_id, state)
+        done = None
+        async for record in self.records(task_id):
+            if record.is_done:
+                done = record
+        if done is not None:
+            out["done"] = done.fields
+        return out
+
+    async def tasks(self, *, status: str | None = None, executor: str | None = None,
+                    labels: dict[str, str] | None = None, since: float | None = None,
+                    until: float | None = None, cursor: str | None = None,
+                    limit: int = 100) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of tasks, newest first for finished ones, and the cursor of the next page.
+
+        No keyspace scan: running tasks come from the executors' processing lists, queued
+        ones from the queue (a page of it), finished ones from the finish-time indexes (one
+        per status and per executor); a label or time filter reads at most RECENT_WINDOW
+        finished tasks."""
+        limit = max(1, min(limit, PAGE_MAX))
+        if status is not None and status not in TASK_STATUSES:
+            raise ValueError(f"status: one of {', '.join(TASK_STATUSES)}")
+        kind, _, position = (cursor or "").partition(":")
+        rows: list[dict[str, Any]] = []
+        phases = ["running", "queued", "finished"] if status is None else \
+            ["running" if status == "running" else "queued" if status == "queued" else "finished"]
+        if executor is not None and "queued" in phases:
+            phases.remove("queued")  # a queued task has no executor yet
+        if kind:
+            if kind not in phases:
+                raise ValueError("cursor: not from this listing")
+            phases = phases[phases.index(kind):]
+        for phase in phases:
+            want = limit - len(rows)
+            start = position if phase == kind else ""
+            if phase == "running":
+                page, nxt = await self._running(executor, start, want)
+            elif phase == "queued":
+                page, nxt = await self._queued(start, want)
+            else:
+                page, nxt = await self._finished(status, executor, start, want, since, until, labels)
+            rows += [r for r in page if _labels_match(r, labels)] if phase != "finished" else page
+            if nxt is not None:
+                return rows, f"{phase}:{nxt}"
+            if len(rows) >= limit:
+                following = phases[phases.index(phase) + 1:]
+                return rows, f"{following[0]}:" if following else None
+        return rows, None
+
+    async def _running(self, executor: str | None, start: str, want: int
+                       ) -> tuple[list[dict[str, Any]], str | None]:
+        redis = self.broker.redis
+        if executor is not None:
+            ids = [executor]
+        else:
+            ids = sorted(m.decode() for m in await redis.zrange(self.keys.executors, 0, -1))
+        rows: list[dict[str, Any]] = []
+        for ident in ids:
+            if start and ident < start:
+                continue
+            for raw in await redis.lrange(self.keys.processing(ident), 0, -1):
+                task_id = peek_id(raw)
+                if task_id is None:
+                    continue
+                state = await self.state(task_id)
+                row = typed_state(task_id, state or {"status": "running", "executor": ident})
+                row["message"] = _message(raw)
+                rows.append(row)
+            if len(rows) >= want and ident != ids[-1]:
+                return rows, ids[ids.index(ident) + 1]
+        return rows, None
+
+    async def _queued(self, start: str, want: int) -> tuple[list[dict[str, Any]], str | None]:
+        offset = int(start) if start.isdigit() else 0
+        raws = await self.broker.redis.lrange(self.keys.queue, offset, offset + want - 1)
+        rows = []
+        for raw in raws:
+            task_id = peek_id(raw)
+            rows.append({"id": task_id, "status": "queued", "message": _message(raw)})
+        return rows, (str(offset + want) if len(raws) == want else None)
+
+    async def _finished(self, status: str | None, executor: str | None, start: str, want: int,
+                        since: float | None, until: float | None,
+                        labels: dict[str, str] | None) -> tuple[list[dict[str, Any]], str | None]:
+        redis = self.broker.redis
+        if executor is not None:
+            key = self.keys.recent_by(executor)
+        else:
+            key = self.keys.recent(status or "")
+        top: str | float = "+inf"
+        if start:
+            top = "(" + start
+        if until is not None and (not start or until < float(start)):
+            top = until
+        bottom: str | float = since if since is not None else "-inf"
+        rows: list[dict[str, Any]] = []
+        examined = 0
+        while len(rows) < want and examined < RECENT_WINDOW:
+            batch = await redis.zrange(key, top, bottom, desc=True, byscore=True,
+                                       offset=0, num=min(want * 2, 500), withscores=True)
+            if not batch:
+                return rows, None
+            pipe = redis.pipeline(transaction=False)
+            for member, _ in batch:
+                pipe.hgetall(self.keys.task(member.decode()))
+                if labels:  # the labels are on the done record
+                    pipe.xrevrange(self.keys.log(member.decode()), count=1)
+            replies = await pipe.execute()
+            states = replies[::2] if labels else replies
+            dones = replies[1::2] if labels else [[]] * len(batch)
+            for (member, score), state, done in zip(batch, states, dones, strict=True):
+                examined += 1
+                top = f"({score!r}"
+                row = typed_state(member.decode(), {k.decode(): v.decode() for k, v in state.items()})
+                if not state:  # expired since (the index is trimmed on the next finish)
+                    continue
+                if done:
+                    row["done"] = parse_record(done[0][1][b"r"]).fields
+                if status is not None and row.get("status") != status:
+                    continue
+                if labels and not _labels_match(row, labels):
+                    continue
+                rows.append(row)
+                if len(rows) >= want:
+                    return rows, repr(score)
+        return rows, (str(top)[1:] if rows and examined >= RECENT_WINDOW else None)
+
+    async def queues(self) -> dict[str, Any]:
+        """Depths: the queue, each executor's processing list, scheduled tasks, dead letters."""
+        redis = self.broker.redis
+        executors = [m.decode() for m in await redis.zrange(self.keys.executors, 0, -1)]
+        pipe = redis.pipeline(transaction=False)
+        pipe.llen(self.keys.queue)
+        pipe.llen(self.keys.control)
+        pipe.zcard(self.keys.scheduled)
+        pipe.llen(self.keys.dead)
+        for ident in executors:
+            pipe.llen(self.keys.processing(ident))
+        depths = await pipe.execute()
+        return {"queue": {"name": self.keys.queue, "depth": depths[0]},
+                "control": {"name": self.keys.control, "depth": depths[1]},
+                "scheduled": {"depth": depths[2]},
+                "dead": {"name": self.keys.dead, "depth": depths[3]},
+                "executors": [{"executor": ident, "processing": n}
+                              for ident, n in zip(executors, depths[4:], strict=True)]}
+
+    async def dead_letters(self, limit: int = 100, cursor: str | None = None
+                           ) -> tuple[list[dict[str, Any]], str | None]:
+        """Dead letters, oldest first, each with a stable id (the SHA-1 of the entry: a list
+        index would shift as entries come and go) and its reason."""
+        offset = int(cursor) if cursor and cursor.isdigit() else 0
+        limit = max(1, min(limit, PAGE_MAX))
+        raws = await self.broker.redis.lrange(self.keys.dead, offset, offset + limit - 1)
+        rows = [dead_row(raw) for raw in raws]
+        return rows, (str(offset + limit) if len(raws) == limit else None)
+
+    async def requeue_dead(self, dead_id: str, by: str | None = None) -> dict[str, Any] | None:
+        """Put a dead-lettered message back on the queue (after a fix); None when no entry
+        has that id (requeued already, or trimmed)."""
+        for raw in await self.broker.redis.lrange(self.keys.dead, 0, -1):
+            if hashlib.sha1(raw).hexdigest() != dead_id:
+                continue
+            row = dead_row(raw)
+            message = row.get("message")
+            if not isinstance(message, str) or row.get("truncated") or row.get("encoding"):
+                raise ProtocolError("this dead letter holds no whole message to requeue")
+            done = await self.broker.call("requeue_dead", [self.keys.dead, self.keys.queue],
+                                          [raw, message])
+            return row if done else None
+        return None
+
+
+def dead_row(raw: bytes) -> dict[str, Any]:
+    try:
+        entry = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        entry = {"reason": "unreadable entry"}
+    if not isinstance(entry, dict):
+        entry = {"reason": "unreadable entry"}
+    row: dict[str, Any] = {"id": hashlib.sha1(raw).hexdigest(), "reason": entry.get("reason"),
+                           "executor": entry.get("executor"), "ts": entry.get("ts"),
+                           "size": entry.get("size"), "message": entry.get("raw")}
+    for key in ("truncated", "encoding"):
+        if entry.get(key):
+            row[key] = entry[key]
+    return row
+
+
+_FLOATS = ("claimed_at", "started_at", "finished_at", "heartbeat_age_s", "dead_after")
+_INTS = ("attempt", "seq", "pid", "exit_code", "running", "slots", "max_concurrency")
+
+
+def typed_state(task_id: str, state: dict[str, str]) -> dict[str, Any]:
+    """A state hash as JSON-typed values (numbers as numbers, "" as null); no claim token."""
+    out: dict[str, Any] = {"id": task_id}
+    for key, value in state.items():
+        if key == "claim":
+            continue
+        out[key] = _typed(key, value)
+    return out
+
+
+def typed_executor(info: dict[str, str]) -> dict[str, Any]:
+    return {key: _typed(key, value) for key, value in info.items()}
+
+
+def _typed(key: str, value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        if key in _INTS:
+            return int(value)
+        if key in _FLOATS:
+            return float(value)
+    except ValueError:
+        return value
+    if key == "labels" and value.startswith("["):
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    return value
+
+
+def _message(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return raw.decode("utf-8", "replace")
+
+
+def _labels_match(row: dict[str, Any], labels: dict[str, str] | None) -> bool:
+    """`labels.KEY=VALUE` filters: against the message's `labels` object, or its `type` and
+    `tube` (the original's labels), or the done record's."""
+    if not labels:
+        return True
+    sources = [row.get("message"), row.get("done")]
+    for key, value in labels.items():
+        if not any(isinstance(src, dict) and (
+                str((src.get("labels") or {}).get(key, "")) == value if isinstance(src.get("labels"), dict)
+                and key in src["labels"] else str(src.get(key, "\0")) == value) for src in sources):
+            return False
+    return True

@@ -30,6 +30,53 @@ def default_state_dir() -> str:
     return os.path.join(base, "task-job")
 
 
+SCOPES = ("read", "submit", "kill", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """One API token: stored only as the SHA-256 of the secret (hex); `allow` globs narrow
+    what it may submit (commands relative to cmd_dir after confinement, or catalogue names)."""
+
+    name: str
+    sha256: str = field(repr=False)
+    scopes: tuple[str, ...] = ("read",)
+    allow: tuple[str, ...] = ()
+
+
+def parse_api_tokens(value: Any, where: str = "api_tokens") -> tuple[ApiToken, ...]:
+    """`[{"name", "sha256", "scopes", "allow"}]` -> ApiTokens; errors name the entry's path."""
+    if isinstance(value, str):
+        value = orjson.loads(value)
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of {{name, sha256, scopes, allow}}")
+    out: list[ApiToken] = []
+    for i, entry in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{at}: expected an object {{name, sha256, scopes, allow}}")
+        unknown = set(entry) - {"name", "sha256", "scopes", "allow"}
+        if unknown:
+            raise ConfigError(f"{at}.{sorted(unknown)[0]}: unknown key")
+        name, digest = entry.get("name"), entry.get("sha256")
+        if not isinstance(name, str) or not name or len(name) > 128 or not name.isprintable():
+            raise ConfigError(f"{at}.name: a printable name of 1-128 characters is required")
+        if name in {t.name for t in out}:
+            raise ConfigError(f"{at}.name: {name!r} is used twice")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ConfigError(f"{at}.sha256: the SHA-256 of the token, 64 hex digits "
+                              "(printf %s TOKEN | sha256sum)")
+        scopes, allow = entry.get("scopes", ["read"]), entry.get("allow", [])
+        for key, items in (("scopes", scopes), ("allow", allow)):
+            if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+                raise ConfigError(f"{at}.{key}: expected a list of strings")
+        for scope in scopes:
+            if scope not in SCOPES:
+                raise ConfigError(f"{at}.scopes: unknown scope {scope!r} ({', '.join(SCOPES)})")
+        out.append(ApiToken(name, digest.lower(), tuple(scopes), tuple(allow)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Config:
     """Every setting of an executor; see config.example.json for each key's meaning."""
@@ -89,6 +136,16 @@ class Config:
     allowed_users: tuple[str, ...] = ()  # users task.user may name (run_as is always allowed)
     limits_default: dict[str, float] = field(default_factory=dict)
     limits_max: dict[str, float] = field(default_factory=dict)
+    # The management API (docs/api.md): off unless server_port or server_socket is set.
+    server_host: str = "127.0.0.1"
+    server_socket: str = ""
+    server_socket_mode: str = "0660"
+    server_socket_group: str = ""
+    server_tls_cert: str = ""
+    server_tls_key: str = field(default="", repr=False)
+    server_tls_ca: str = ""
+    api_tokens: tuple[ApiToken, ...] = ()
+    metrics_public: bool = False
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -119,6 +176,9 @@ class Config:
                 value = redact_url(value)
             elif f.name == "logs_http_headers":
                 value = {k: "***" for k in value}
+            elif f.name == "api_tokens":
+                value = [{"name": t.name, "sha256": "***", "scopes": list(t.scopes),
+                          "allow": list(t.allow)} for t in value]
             out[f.name] = value
         return out
 
@@ -223,6 +283,8 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
             return float(value)
+        if name == "api_tokens":
+            return parse_api_tokens(value, where)
         if kind is dict and name in ("limits_default", "limits_max"):
             if isinstance(value, str):
                 value = orjson.loads(value)
@@ -355,11 +417,38 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
             raise ConfigError(f"{key}: {getattr(config, key)} is not a file")
     if bool(config.redis_tls_cert) != bool(config.redis_tls_key):
         raise ConfigError("redis_tls_key: redis_tls_cert and redis_tls_key go together")
+    validate_server(config, check_paths)
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")
         if config.log_dir and os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
             raise ConfigError(f"log_dir: {config.log_dir} is not a directory")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_server(config: Config, check_paths: bool) -> None:
+    if not re.fullmatch(r"0?[0-7]{3}", config.server_socket_mode):
+        raise ConfigError(f"server_socket_mode: an octal mode such as 0660 (got {config.server_socket_mode!r})")
+    for key in ("server_tls_cert", "server_tls_key", "server_tls_ca"):
+        if getattr(config, key) and check_paths and not os.path.isfile(getattr(config, key)):
+            raise ConfigError(f"{key}: {getattr(config, key)} is not a file")
+    if bool(config.server_tls_cert) != bool(config.server_tls_key):
+        raise ConfigError("server_tls_key: server_tls_cert and server_tls_key go together")
+    if config.server_tls_ca and not config.server_tls_cert:
+        raise ConfigError("server_tls_ca: mutual TLS needs server_tls_cert and server_tls_key")
+    if config.server_port and not config.api_tokens and not is_loopback(config.server_host):
+        raise ConfigError(f"server_host: binding {config.server_host} beyond loopback needs "
+                          "api_tokens (a generated token is for this host only)")
 
 
 def cmd_dir_is_shared(cmd_dir: str) -> bool:

@@ -486,6 +486,20 @@ class Policy:
         self._check_args(fallback[1], facts.path, args)
         return [fallback[0], facts.path, *args], workdir
 
+    def target(self, argv: Sequence[str], cwd: str | None = None) -> str:
+        """The file inside cmd_dir that argv would run (the script an interpreter is given,
+        or the command itself), as a path relative to cmd_dir's real path: what an API
+        token's `allow` globs are matched against. Raises ConfinementError as confine()."""
+        if self.mode != "strict":
+            raise ConfinementError("confine is off (\"cwd\"): no command can be matched to a "
+                                   "token's allow list")
+        root = self._root.resolve(self.cmd_dir)
+        resolved, _ = self.confine(argv, cwd)
+        for word in resolved:
+            if os.path.isabs(word) and inside(word, root):
+                return os.path.relpath(word, root)
+        raise ConfinementError("no file inside cmd_dir is run")  # pragma: no cover
+
     def _as_interpreter(self, word: str) -> tuple[str, str] | None:
         if "/" not in word:
             return _bare_interpreter(word, self.interpreters, self.path_env)

@@ -39,6 +39,7 @@ from task_job.reaper import MARKER, Reaper
 from task_job.runner import Credentials, Ending, Guard, Run, RunResult
 from task_job.sinks import RedisSink, TaskStream
 from task_job.spawner import Spawner, interpreter_for
+from task_job.stats import Stats
 from task_job.users import Users, check_run_as
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,11 @@ class Executor:
                                if tr.run is not None and tr.run.pid is not None},
             guard=self._guard)
         self.claimed = 0
+        self.draining = False  # an operator's drain (API), not the shutdown's
+        self.last_claim_poll = 0.0  # monotonic time the claim loop last asked Redis
+        self.notifier: Any = None  # notify.Notifier when run under systemd Type=notify
+        self.stats = Stats()
+        self.api: Any = None  # api.serve.ApiServer when server_port or server_socket is set
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -182,6 +188,11 @@ class Executor:
         log.info("executor started", extra={
             "executor": self.id, "queue": cfg.queue_name, "redis": cfg.redacted_redis_addr,
             "slots": cfg.max_concurrency, "cmd_dir": cfg.cmd_dir, "version": __version__})
+        if cfg.server_port or cfg.server_socket:  # aiohttp is imported only when it is used
+            from task_job.api.serve import ApiServer
+
+            self.api = ApiServer(cfg, executor=self)
+            await self.api.start()
         self._ready.set()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -210,6 +221,8 @@ class Executor:
                     self.http.close()
                     await http
         finally:
+            if self.api is not None:
+                await self.api.stop()
             for spawner in self._spawners.values():
                 if spawner is not None:
                     spawner.close()
@@ -334,9 +347,10 @@ class Executor:
         busy = False  # the last round claimed something: the queue may hold more
         while not self._stopping.is_set():
             free = self.config.max_concurrency - len(self.running)
-            if free <= 0:
-                await self._wait_slot()  # stop() wakes it too
+            if free <= 0 or self.draining:
+                await self._wait_slot()  # stop() and resume wake it too
                 continue
+            self.last_claim_poll = time.monotonic()
             try:
                 # While work is queued, fill every free slot in one round trip; when the
                 # queue looks empty, block for one message.
@@ -346,8 +360,9 @@ class Executor:
                     raw = await self.broker.claim_wait(self.keys.queue, processing, CLAIM_BLOCK)
                     raws = [raw] if raw is not None else []
                 busy = bool(raws)
-                if raws and self._stopping.is_set():
-                    # Claims in flight when the stop came: give them back, in their places.
+                if raws and (self._stopping.is_set() or self.draining):
+                    # Claims in flight when the stop (or a drain) came: give them back, in
+                    # their places.
                     for raw in reversed(raws):
                         if isinstance(raw, Oversize):
                             self._reject_oversize(raw)
@@ -374,6 +389,7 @@ class Executor:
     async def _claimed(self, raws: list[bytes | Oversize], tg: asyncio.TaskGroup) -> None:
         """Begin the claimed messages (one round trip for all) and start what may run."""
         self.claimed += len(raws)
+        self.stats.claimed += len(raws)
         claims: list[tuple[bytes, Task, str]] = []
         for raw in raws:
             if isinstance(raw, Oversize):
@@ -410,7 +426,7 @@ class Executor:
         """begin.lua for each claim, repeated through an outage (safe: the claim token makes
         it idempotent). Returns [verdict, last_seq, attempt] per claim."""
         attempt = 0
-        calls = [([self.keys.task(task.id)], [self.id, f"{time.time():.6f}", token])
+        calls = [([self.keys.task(task.id), self.keys.events], [self.id, f"{time.time():.6f}", token, task.id, task.submitted_by or ""])
                  for _, task, token in claims]
         while True:
             try:
@@ -461,11 +477,16 @@ class Executor:
             outcome = Outcome(Status.FAILED, f"internal error: {exc!r}")
         finally:
             # The done record must be queued whatever happened, cancellation included.
+            if task.submitted_by:
+                outcome.extra["submitted_by"] = task.submitted_by
             fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
             self._track(fut)
             self._settling.add(task.id)
             fut.add_done_callback(lambda _: self._settling.discard(task.id))
             del self.running[task.id]
+            self.stats.finished[outcome.status.value] += 1
+            if outcome.duration is not None:
+                self.stats.duration.observe(outcome.duration)
             self._slot_freed.set()
             self.reaper.task_ended()
             if tr.log_file is not None:  # never raises: file errors are counted, not fatal
@@ -503,6 +524,7 @@ class Executor:
                   guard=self._guard, creds=creds,
                   spawner=self._spawner_for(creds) if creds is not None else None)
         await run.start()
+        self.stats.start_latency.observe(time.monotonic() - tr.claimed_mono)
         tr.run = run
         if tr.kill_reason is not None:
             run.kill(tr.kill_reason)
@@ -604,7 +626,14 @@ class Executor:
             log.warning("bad control message", extra={"reason": exc.reason})
             self._track(self.sink.dead_letter(raw, f"control: {exc.reason}", claimed=False))
             return
-        if self._kill_local(ctl.id):
+        if ctl.type in ("drain", "resume"):
+            if not routed or ctl.id != self.id:
+                log.warning("drain/resume ignored: it goes to an executor's own control list",
+                            extra={"target": ctl.id})
+                return
+            await self.set_draining(ctl.type == "drain", ctl.by)
+            return
+        if self._kill_local(ctl.id, ctl.by):
             return
         if routed:
             log.info("kill for a task not running here: ignored", extra={"task_id": ctl.id})
@@ -615,7 +644,7 @@ class Executor:
         detail = detail.decode() if isinstance(detail, bytes) else detail
         if where == "running":
             if detail == self.id:
-                if not self._kill_local(ctl.id):
+                if not self._kill_local(ctl.id, ctl.by):
                     log.info("kill for a task that just finished", extra={"task_id": ctl.id})
                 return
             await self.broker.redis.rpush(self.keys.inbox(detail), raw)
@@ -626,13 +655,31 @@ class Executor:
             log.info("kill for a finished task: ignored", extra={"task_id": ctl.id,
                                                                "status": detail})
 
-    def _kill_local(self, task_id: str) -> bool:
+    def _kill_local(self, task_id: str, by: str | None = None) -> bool:
         tr = self.running.get(task_id)
         if tr is None:
             return False
-        log.info("killing task", extra={"task_id": task_id})
-        tr.kill("on request")
+        log.info("killing task", extra={"task_id": task_id, "by": by})
+        tr.kill(f"on request of {by}" if by else "on request")
         return True
+
+    async def set_draining(self, draining: bool, by: str | None = None) -> None:
+        """An operator's drain (Nomad's node drain): no more claims, running tasks finish;
+        the process stays up and `resume` claims again."""
+        if draining == self.draining:
+            return
+        self.draining = draining
+        log.info("drained: no more claims" if draining else "resumed: claiming",
+                 extra={"executor": self.id, "by": by, "running": len(self.running)})
+        self._slot_freed.set()  # wakes the claim loop to notice
+        await self.fleet.mark("draining" if draining else "up")
+        self.notify_status()
+
+    def notify_status(self) -> None:
+        """STATUS= for systemd (set by the CLI when NOTIFY_SOCKET is given)."""
+        if self.notifier is not None:
+            state = "draining" if self.draining else "claiming"
+            self.notifier.send(f"STATUS={state}; {len(self.running)}/{self.config.max_concurrency} running")
 
 
 async def _throttle(tr: TaskRun, pgid: int, percent: float) -> None:

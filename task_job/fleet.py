@@ -38,15 +38,21 @@ class Link:
     def __init__(self) -> None:
         self._since: float | None = None
         self._failing: dict[str, bool] = {}
+        self.reconnects = 0  # for /metrics
+        self._was_down = False
 
     def up(self, what: str) -> None:
         if self._since is None:
             self._since = time.monotonic()
+            if self._was_down:
+                self.reconnects += 1
+                self._was_down = False
         if self._failing.pop(what, False):
             log.warning(f"{what}: redis reachable again")
 
     def down(self, what: str, exc: BaseException) -> None:
         self._since = None
+        self._was_down = True
         if not self._failing.get(what):
             self._failing[what] = True
             log.warning(f"{what}: redis unreachable; retrying", extra={"error": repr(exc)})

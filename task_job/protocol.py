@@ -66,15 +66,21 @@ class Task:
     retries: int = 0
     limits: dict[str, float] = field(default_factory=dict)  # task.limits, checked (limits.py)
     user: str | None = None  # task.user: one of the executor's allowed_users
+    submitted_by: str | None = None  # set by the API: the token's name (or the peer)
     raw: bytes = b""
+
+
+CONTROL_TYPES = ("kill", "drain", "resume")
 
 
 @dataclass(frozen=True, slots=True)
 class Control:
-    """A control message; only `kill` exists."""
+    """A control message: `kill` a task (`id`), or `drain`/`resume` an executor (`id` is the
+    executor's; sent to its own control list only). `by`: who asked (token name or peer)."""
 
     id: str
     type: str
+    by: str | None = None
 
 
 def _decode_object(raw: bytes | str, max_bytes: int | None) -> dict[str, Any]:
@@ -233,12 +239,16 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         except ValueError as exc:
             raise ProtocolError(str(exc), task_id) from exc
 
+    by = obj.get("submitted_by")
+    if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
+        raise ProtocolError("'submitted_by' must be a printable string of at most 256 characters", task_id)
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
     return Task(
         id=task_id, cmdline=cmdline, argv=(*words, *cmd_args),
         type=_label(obj, "type", task_id), tube=_label(obj, "tube", task_id),
         cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
-        max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user, raw=data,
+        max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user,
+        submitted_by=by, raw=data,
     )
 
 
@@ -255,9 +265,12 @@ def parse_control(raw: bytes | str, max_bytes: int | None = None) -> Control:
     obj = _decode_object(raw, max_bytes)
     task_id = _read_id(obj)
     kind = obj.get("type")
-    if kind != "kill":
-        raise ProtocolError(f"unknown control type {kind!r} (only 'kill' exists)", task_id)
-    return Control(id=task_id, type=kind)
+    if kind not in CONTROL_TYPES:
+        raise ProtocolError(f"unknown control type {kind!r} ({', '.join(CONTROL_TYPES)})", task_id)
+    by = obj.get("by")
+    if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
+        raise ProtocolError("by: a printable string of at most 256 characters", task_id)
+    return Control(id=task_id, type=kind, by=by)
 
 
 def build_task(
@@ -281,8 +294,8 @@ def build_task(
     return orjson.dumps(msg)
 
 
-def build_control(task_id: str, kind: str = "kill") -> bytes:
-    return orjson.dumps({"id": task_id, "type": kind})
+def build_control(task_id: str, kind: str = "kill", by: str | None = None) -> bytes:
+    return orjson.dumps({"id": task_id, "type": kind, **({"by": by} if by else {})})
 
 
 @dataclass(frozen=True, slots=True)

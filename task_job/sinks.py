@@ -110,6 +110,9 @@ class RedisSink:
     _spool_active: bool = False
     _spool_attempt: int = 0
     _spool_errors: DiskErrors = field(default_factory=lambda: DiskErrors("the spool"))
+    delivered_records: int = 0
+    delivered_bytes: int = 0
+    errors: int = 0  # batches that failed to reach Redis (and were retried or spooled)
     _lost_at_close: int = 0
 
     def open_stream(self, head: RecordHead, next_seq: int = 0) -> TaskStream:
@@ -174,13 +177,14 @@ class RedisSink:
         ref = claim_ref(raw)
         args = [mode, self.executor, seq, record, ref, dead, outcome.status.value, exit_code,
                 f"{outcome.finished_at or now:.6f}", cfg.task_ttl, cfg.task_log_ttl,
-                cfg.task_log_max_records, cfg.dead_max_len, cfg.logs_max_len]
+                cfg.task_log_max_records, cfg.dead_max_len, cfg.logs_max_len, stream.head.id]
         started = stream.started
         if started is not None and not started.taken:
             started.dropped = True  # still queued: the done record's script writes them
             args += [stream.pid, stream.started_at]
         script_keys = [keys.logs, stream.log_key, stream.state_key,
-                       keys.processing(self.executor), keys.dead]
+                       keys.processing(self.executor), keys.dead, keys.recent(),
+                       keys.recent(outcome.status.value), keys.recent_by(self.executor), keys.events]
         return self._script("finish", script_keys, args, len(record) + len(ref) + len(dead))
 
     def dead_letter(self, raw: bytes | Oversize, reason: str, *, claimed: bool = True
@@ -337,6 +341,7 @@ class RedisSink:
             try:
                 results = await self._send(calls)
             except NETWORK_ERRORS as exc:
+                self.errors += 1
                 self._note_down(exc)
                 if self._spool_dir is not None and (self._pressure.is_set() or self._closing):
                     await self._spill(batch, calls)
@@ -350,6 +355,12 @@ class RedisSink:
                         op.future.set_exception(result)
                     else:
                         op.future.set_result(result)
+            for op in batch:  # counted for /metrics once delivered
+                if isinstance(op, _Records):
+                    self.delivered_records += len(op.payloads)
+                    self.delivered_bytes += sum(map(len, op.payloads))
+                elif isinstance(op, _Script) and op.name == "finish":
+                    self.delivered_records += 1
             return
 
     async def _pause(self, attempt: int) -> None:

@@ -1,5 +1,7 @@
 -- begin: mark a claimed task as running here, unless its id was seen before.
 -- KEYS[1]  {Q}:task:<id>   state hash (created here; the only place a task id is registered)
+-- KEYS[2]  {Q}:events      pub/sub channel of task state changes
+-- ARGV[4]  task id       ARGV[5]  who submitted it ('' = not said)
 -- ARGV[1]  executor id
 -- ARGV[2]  now, unix seconds
 -- ARGV[3]  claim token, unique per claim: a begin repeated after a lost reply answers the
@@ -21,5 +23,8 @@ local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1], 'claimed_at', ARGV[2],
   'claim', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'seq', -1)
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'submitted_by', ARGV[5]) end
 redis.call('PERSIST', KEYS[1])
+redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'task', id = ARGV[4], status = 'running',
+  executor = ARGV[1], at = tonumber(ARGV[2])}))
 return {'run', tonumber(redis.call('HGET', KEYS[1], 'seq')), attempt}
