@@ -157,7 +157,11 @@ def _bound_heap() -> None:
 async def _run(config: Config, demo: bool) -> int:
     from task_job.executor import Executor
 
+    from task_job.notify import Notifier
+
+    notifier = Notifier.from_env()  # before the executor copies the environment for tasks
     executor = Executor(config)
+    executor.notifier = notifier
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, executor.stop)

@@ -156,6 +156,8 @@ class Executor:
     def stop(self) -> None:
         """Stop claiming; running tasks get drain_timeout, then are killed and reported."""
         if not self._stopping.is_set():
+            if self.notifier is not None:
+                self.notifier.send("STOPPING=1", f"STATUS=stopping; {len(self.running)} running")
             log.info("stopping: no more claims", extra={"executor": self.id,
                                                         "running": len(self.running)})
             self._stopping.set()
@@ -194,6 +196,9 @@ class Executor:
             self.api = ApiServer(cfg, executor=self)
             await self.api.start()
         self._ready.set()
+        if self.notifier is not None:
+            self.notifier.send("READY=1")
+            self.notify_status()
         try:
             async with asyncio.TaskGroup() as tg:
                 sink = tg.create_task(self.sink.run())
@@ -204,6 +209,8 @@ class Executor:
                               tg.create_task(self.reaper.loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
+                if self.notifier is not None:
+                    background.append(tg.create_task(self._notify_loop()))
                 if cfg.dead_max_len or cfg.logs_max_len:
                     background.append(tg.create_task(self._caps_loop()))
                 await self._claim_loop(tg)
@@ -310,6 +317,20 @@ class Executor:
                 [self.id, f"{time.time():.6f}", *(tr.task.raw for tr in runs)])
             log.warning("running tasks adopted again after redis lost its data",
                         extra={"executor": self.id, "tasks": adopted})
+
+    async def _notify_loop(self) -> None:
+        """STATUS= now and then; WATCHDOG=1 at half the WatchdogSec systemd asked for, only
+        while the claim loop (or a full set of slots) shows the executor is working."""
+        notifier = self.notifier
+        assert notifier is not None
+        period = min(notifier.watchdog / 2, 5.0) if notifier.watchdog else 5.0
+        while True:
+            await asyncio.sleep(period)
+            self.notify_status()
+            stale = time.monotonic() - self.last_claim_poll
+            if notifier.watchdog and (self.draining or stale < notifier.watchdog or
+                                      len(self.running) >= self.config.max_concurrency):
+                notifier.send("WATCHDOG=1")
 
     async def _caps_loop(self) -> None:
         """Log once when a capped list reaches its cap (its oldest entries now go), and once

@@ -9,7 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from task_job import broker as broker_module
-from task_job.broker import BIG_ARG, Broker
+from task_job.broker import BIG_ARG, SCRIPT_NAMES, Broker
 from task_job.client import Client
 from task_job.config import Config
 
@@ -75,4 +75,4 @@ async def test_tasks_keep_running_after_redis_forgets_the_scripts(
     second = await client.submit("install.sh", ["two"])
     done = await wait_done(sync_redis, config, second)
     assert done.fields["status"] == "succeeded"
-    assert sync_redis.script_exists(*executor.executor.broker.scripts.sha.values()) == [True] * 10
+    assert sync_redis.script_exists(*executor.executor.broker.scripts.sha.values()) == [True] * len(SCRIPT_NAMES)

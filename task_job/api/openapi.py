@@ -30,8 +30,12 @@ def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str
 
 def _op(summary: str, scope: str | None, ok: str = "200", *, params: list[Any] | None = None,
         body: dict[str, Any] | None = None, errors: tuple[str, ...] = (),
-        content: str = "application/json") -> dict[str, Any]:
-    responses: dict[str, Any] = {ok: {"description": "OK", "content": {content: {"schema": _OBJ if content == "application/json" else {"type": "string"}}}}}
+        content: str = "application/json", also_ok: tuple[str, ...] = ()) -> dict[str, Any]:
+    schema = _OBJ if content == "application/json" else {"type": "string"}
+    responses: dict[str, Any] = {code: {"description": "OK", "content": {content: {"schema": schema}}}
+                                 for code in (ok, *also_ok)}
+    if params and "400" not in errors:
+        errors = ("400", *errors)
     for code in (*errors, *(("401", "403") if scope else ()), "503"):
         responses[code] = {"description": "Error", "content": {"application/json": {"schema": _ERROR}}}
     op: dict[str, Any] = {"summary": summary, "responses": responses,
@@ -53,7 +57,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/api/v1/tasks": {
         "post": _op("Submit a task; ?wait=SECONDS returns its done record", "submit", "202",
                     params=[_query("wait", {"type": "number", "minimum": 0, "maximum": 3600})],
-                    body=_TASK_MESSAGE, errors=("200", "400", "409")),
+                    body=_TASK_MESSAGE, errors=("400", "409"), also_ok=("200",)),
         "get": _op("Running, queued and recent finished tasks", "read", params=[
             _query("status", {"type": "string"}), _query("executor", {"type": "string"}),
             _query("since", {"type": "number", "minimum": 0}), _query("until", {"type": "number", "minimum": 0}),
