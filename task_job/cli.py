@@ -254,8 +254,16 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
 
 
 def _exit_code_of(fields: dict[str, Any]) -> int:
-    if fields.get("status") == "succeeded":
+    """submit --wait's exit: the task's own code; 128+N when signal N ended it; 124 for a
+    timeout (as coreutils' timeout); 125 when task-job did not run it (rejected, cancelled,
+    lost). Collisions with a task's own codes are unavoidable: --json tells them apart."""
+    status = fields.get("status")
+    if status == "succeeded":
         return 0
+    if status == "timeout":
+        return 124
+    if status in ("rejected", "cancelled", "lost"):
+        return 125
     code = fields.get("exit_code")
     if isinstance(code, int):
         return code or 1

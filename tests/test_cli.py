@@ -224,3 +224,32 @@ def test_demo_runs_a_task_end_to_end_on_embedded_redis(tmp_path: Path) -> None:
     assert records[-1]["msg_type"] == "done" and records[-1]["status"] == "succeeded"
     text: Any = "".join(r["data"] for r in records if r["msg_type"] == "stdout")
     assert "args: feature/homestead $HOME `date` (not expanded)" in text
+
+
+async def test_status_tasks_dead_drain_commands_and_wait_exit_codes(
+        config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
+        tmp_path: Path) -> None:
+    _, path = await started(spawn_executor, sync_redis, config, tmp_path)
+    conf = ["--config", str(path)]
+    timed = cli("submit", *conf, "--id", "t-out", "--timeout", "0.2", "--wait", "--", "sleep.sh", "30")
+    assert timed.returncode == 124, timed.stderr  # as coreutils' timeout
+    refused = cli("submit", *conf, "--id", "t-rej", "--wait", "--", "no-such.sh")
+    assert refused.returncode == 125, refused.stderr  # task-job did not run it
+    status = orjson.loads(cli("status", *conf, "--json", "t-out").stdout)
+    assert status["status"] == "timeout" and isinstance(status["finished_at"], float)
+    text = cli("status", *conf, "t-rej").stdout
+    assert "rejected" in text and config.executor_id in text
+    assert cli("status", *conf, "never-seen").returncode == 1
+    rows = orjson.loads(cli("tasks", *conf, "--json", "--status", "timeout").stdout)
+    assert [r["id"] for r in rows] == ["t-out"]
+    sync_redis.rpush(config.queue_name, b"not json")
+    await wait_until(lambda: sync_redis.llen(f"{config.queue_name}_dead") == 1, what="a dead letter")
+    (dead,) = orjson.loads(cli("dead", *conf, "--json").stdout)
+    assert "not valid JSON" in dead["reason"]
+    assert cli("drain", *conf, config.executor_id).returncode == 0
+    await wait_until(lambda: sync_redis.hget(f"{{{config.queue_name}}}:executor:{config.executor_id}",
+                                             "status") == b"draining", what="drained")
+    (row,) = orjson.loads(cli("executors", *conf, "--json").stdout)
+    assert row["status"] == "draining" and isinstance(row["slots"], int)
+    assert cli("resume", *conf, config.executor_id).returncode == 0
+    assert cli("drain", *conf, "no-such-executor").returncode == 1
