@@ -74,7 +74,7 @@ def digest_ref(digest: str, size: int) -> bytes:
 
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
-                "heartbeat", "takeover", "adopt", "requeue_dead")
+                "heartbeat", "takeover", "adopt", "requeue_dead", "submit")
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,7 +156,6 @@ def _bound_heap() -> None:
 
 async def _run(config: Config, demo: bool) -> int:
     from task_job.executor import Executor
-
     from task_job.notify import Notifier
 
     notifier = Notifier.from_env()  # before the executor copies the environment for tasks
@@ -180,9 +179,9 @@ async def _run(config: Config, demo: bool) -> int:
 
 
 async def _demo(config: Config) -> int:
-    from task_job.client import Client
+    from task_job.client import AsyncClient
 
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("hello.sh", ["feature/homestead", "$HOME `date` (not expanded)"],
                                       env={"TASK_JOB_DEMO": "demo-1"}, timeout=60)
         click.echo(f"submitted task {task_id}: hello.sh feature/homestead '$HOME `date` (not expanded)'")
@@ -238,19 +237,27 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
     cmdline = shlex.quote(command[0])  # the command word is kept as given, args verbatim
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             ident = await client.submit(cmdline, list(command[1:]), task_id=task_id,
                                         timeout=timeout, env=env or None, cwd=cwd,
                                         stdin=stdin_text)
             click.echo(ident)
             if not wait:
                 return 0
+            waiting.append(ident)
             return await _follow(client, ident, as_json=False, timeout=wait_timeout,
                                  just_pushed=True)
 
-    sys.exit(_run_client(go, config))
+    waiting: list[str] = []
+    code = _run_client(go, config)
+    if code == 130 and waiting:  # Ctrl-C: the task goes on without us
+        where = f" --config {config_path}" if config_path else \
+            (f" --redis {redis_addr}" if redis_addr else "")
+        click.echo(f"task-job: stopped waiting; task {waiting[0]} may still be running. To stop "
+                   f"it: task-job kill{where} {waiting[0]}", err=True)
+    sys.exit(code)
 
 
 def _exit_code_of(fields: dict[str, Any]) -> int:
@@ -333,9 +340,9 @@ def kill(config_path: str | None, redis_addr: str | None, queue_name: str | None
     config = _client_config(config_path, redis_addr, queue_name)
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             kind, status = await client.whereabouts(task_id)
             if kind == "finished":
                 click.echo(f"task-job: {task_id} already finished ({status}): nothing to kill",
@@ -366,9 +373,9 @@ def logs(config_path: str | None, redis_addr: str | None, queue_name: str | None
     config = _client_config(config_path, redis_addr, queue_name)
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             if follow:
                 return await _follow(client, task_id, as_json=as_json, timeout=timeout)
             kind, status = await client.whereabouts(task_id)
@@ -395,9 +402,9 @@ def executors(config_path: str | None, redis_addr: str | None, queue_name: str |
     config = _client_config(config_path, redis_addr, queue_name)
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             rows = await client.executors()
         if as_json:
             click.echo(orjson.dumps(rows).decode())
@@ -475,9 +482,9 @@ def status(config_path: str | None, redis_addr: str | None, queue_name: str | No
     config = _client_config(config_path, redis_addr, queue_name)
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             found = await client.task(task_id)
             last = {"stdout": b"", "stderr": b""}
             if found is not None:
@@ -521,9 +528,9 @@ def tasks(config_path: str | None, redis_addr: str | None, queue_name: str | Non
     config = _client_config(config_path, redis_addr, queue_name)
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             try:
                 rows, _ = await client.tasks(status=status_, executor=executor, limit=limit)
             except ValueError as exc:
@@ -554,9 +561,9 @@ def dead(config_path: str | None, redis_addr: str | None, queue_name: str | None
     config = _client_config(config_path, redis_addr, queue_name)
 
     async def go() -> int:
-        from task_job.client import Client
+        from task_job.client import AsyncClient
 
-        async with Client(config) as client:
+        async with AsyncClient(config) as client:
             if requeue_id:
                 try:
                     row = await client.requeue_dead(requeue_id, by=f"cli:{_user()}")
@@ -596,9 +603,9 @@ def _drain_command(resume: bool) -> Any:
         config = _client_config(config_path, redis_addr, queue_name)
 
         async def go() -> int:
-            from task_job.client import Client
+            from task_job.client import AsyncClient
 
-            async with Client(config) as client:
+            async with AsyncClient(config) as client:
                 if not await client.drain(executor_id, by=f"cli:{_user()}", resume=resume):
                     fail(f"no executor {executor_id!r} is registered", code=1)
             click.echo(f"{'resume' if resume else 'drain'} sent to {executor_id}")

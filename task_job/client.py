@@ -1,4 +1,4 @@
-"""`Client`: submit tasks, kill them, read and follow their records. Used by the CLI.
+"""`AsyncClient`: submit tasks, kill them, read and follow their records. Used by the CLI.
 
 Talks to Redis through `Broker`'s key names; never runs tasks itself.
 """
@@ -34,10 +34,10 @@ PAGE_MAX = 1000
 RECENT_WINDOW = 10_000  # finished tasks examined for filters without an index (labels, time)
 
 
-class Client:
+class AsyncClient:
     """Producer-side API of one queue.
 
-    >>> async with Client(Config(redis_addr="127.0.0.1:6379")) as c:   # doctest: +SKIP
+    >>> async with AsyncClient(Config(redis_addr="127.0.0.1:6379")) as c:   # doctest: +SKIP
     ...     task_id = await c.submit("install.sh", ["feature/homestead"], timeout=3600)
     ...     done = await c.wait(task_id)
     """
@@ -52,8 +52,10 @@ class Client:
         # duplicate id, which executors dead-letter and never run twice.
         self.broker = Broker(config, retries=3, socket_timeout=config.redis_timeout + BLOCK_MAX)
         self.keys = self.broker.keys
+        self._pushes: list[tuple[str, bytes, asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Future[None] | None = None
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -75,12 +77,22 @@ class Client:
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
-        status = await self.broker.redis.hget(self.keys.task(task_id), "status")
-        if status is not None and status != b"cancel_requested":  # a kill waiting for it is fine
-            raise ProtocolError(f"task id {task_id!r} is already known ({status.decode()}): "
-                                "an id runs at most once; choose another", task_id)
-        await self.broker.redis.rpush(self.keys.queue, message)
+        await self._push_new(task_id, message)
         return task_id
+
+    async def _push_new(self, task_id: str, message: bytes) -> None:
+        """Push unless the id is known (submit.lua: the check and the push in one script).
+        Pushes made while one batch is on its way go together in the next (one round trip
+        for many concurrent API submissions), each script applied on its own."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pushes.append((task_id, message, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_pushes())
+        known = await future
+        if known:
+            status = known.decode() if isinstance(known, bytes) else str(known)
+            raise ProtocolError(f"task id {task_id!r} is already known ({status}): "
+                                "an id runs at most once; choose another", task_id)
 
     async def submit_message(self, message: dict[str, Any], by: str | None = None) -> Task:
         """Validate a whole task message (the queue's JSON) as an executor will, refuse a
@@ -89,12 +101,28 @@ class Client:
             message = {**message, "submitted_by": by}
         raw = orjson.dumps(message)
         task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
-        status = await self.broker.redis.hget(self.keys.task(task.id), "status")
-        if status is not None and status != b"cancel_requested":
-            raise ProtocolError(f"task id {task.id!r} is already known ({status.decode()}): "
-                                "an id runs at most once; choose another", task.id)
-        await self.broker.redis.rpush(self.keys.queue, raw)
+        await self._push_new(task.id, raw)
         return task
+
+    async def _flush_pushes(self) -> None:
+        """Send what is waiting, batch after batch, until nothing is (then return: the next
+        push starts another flusher; asyncio runs nothing between the check and the return)."""
+        sha = self.broker.scripts.sha["submit"]
+        while self._pushes:
+            batch, self._pushes = self._pushes, []
+            try:
+                results = await self.broker.send(self.broker.claim_lane, [
+                    ("EVALSHA", sha, 2, self.keys.task(task_id), self.keys.queue, message)
+                    for task_id, message, _ in batch])
+            except Exception as exc:  # each waiting submit raises it
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     async def push_raw(self, message: bytes | str) -> None:
         """Push a message exactly as given (for compatibility tests and tools)."""
@@ -180,6 +208,14 @@ class Client:
                 row["status"] = "dead"
             out.append(row)
         return out
+
+    async def status(self, task_id: str) -> dict[str, Any] | None:
+        """`task()`, by the name AsyncHttpClient and the sync Client use too."""
+        return await self.task(task_id)
+
+    def logs(self, task_id: str, *, follow: bool = False) -> AsyncGenerator[Record, None]:
+        """`records()`, by the name the other clients use too."""
+        return self.records(task_id, follow=follow)
 
     async def executor(self, executor: str) -> dict[str, Any] | None:
         return next((e for e in await self.executors() if e["id"] == executor), None)

@@ -6,6 +6,7 @@ Owns the one frozen `Config`; never opens a connection or spawns anything.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import socket
@@ -21,6 +22,9 @@ from task_job.errors import ConfigError
 from task_job.limits import ENFORCED, parse_limits
 
 ENV_PREFIX = "TASK_JOB_"
+# TASK_JOB_* variables that are not settings: a task's own marker (a task may run task-job
+# itself), the demo's, and the tests' switch for their unprivileged rerun.
+NOT_SETTINGS = frozenset({"TASK_JOB_RUN", "TASK_JOB_DEMO", "TASK_JOB_TEST_UNPRIVILEGED"})
 CONFINE_MODES = ("strict", "cwd")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -323,6 +327,8 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from exc
         try:
             data = orjson.loads(strip_comments(text)) if text.strip() else {}
         except orjson.JSONDecodeError as exc:
@@ -334,6 +340,13 @@ def load_config(
                 raise ConfigError(f"{key}: unknown key in {path}")
             values[key] = _coerce(key, value, from_env=False)
     environ = os.environ if env is None else env
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):].lower() not in FIELDS \
+                and name not in NOT_SETTINGS:
+            near = difflib.get_close_matches(name[len(ENV_PREFIX):].lower(), FIELDS, 1)
+            hint = f" (did you mean {ENV_PREFIX}{near[0].upper()}?)" if near else ""
+            raise ConfigError(f"{name}: unknown setting{hint}; every TASK_JOB_<KEY> names a "
+                              "config key")
     for key in FIELDS:
         raw = environ.get(f"{ENV_PREFIX}{key.upper()}")
         if raw is not None:

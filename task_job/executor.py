@@ -169,6 +169,10 @@ class Executor:
     async def run(self) -> None:
         cfg = self.config
         check_run_as(cfg.run_as, os.geteuid())
+        if cfg.confine == "cwd":
+            log.warning("confine is \"cwd\": confinement is OFF; a task may run any command on "
+                        "PATH or anywhere, with any interpreter option (docs/security.md)",
+                        extra={"cmd_dir": cfg.cmd_dir})
         if cfg.confine == "strict" and cmd_dir_is_shared(cfg.cmd_dir):
             log.warning(
                 "cmd_dir is writable by other users: anyone who can write there can run code "

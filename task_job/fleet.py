@@ -97,7 +97,8 @@ class Fleet:
         cfg = self.config
         info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
                 "labels": orjson.dumps(list(cfg.labels)).decode(), "slots": cfg.max_concurrency,
-                "running": 0, "started_at": f"{time.time():.3f}", "status": "up"}
+                "running": 0, "started_at": f"{time.time():.3f}", "status": "up",
+                "dead_after": cfg.dead_after}  # readers judge it by its own, not theirs
         await self.broker.redis.hset(self.keys.executor(self.id), mapping=info)
         await self._beat("register")
         await self.publish(self.id, "UP")

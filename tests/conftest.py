@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from task_job.broker import Keys
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.embedded import RedisServer
 from task_job.executor import Executor
@@ -153,8 +153,8 @@ async def executor(config: Config, start_executor: Any) -> ExecutorHandle:
 
 
 @pytest.fixture
-async def client(config: Config) -> AsyncIterator[Client]:
-    async with Client(config) as c:
+async def client(config: Config) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(config) as c:
         yield c
 
 

@@ -455,3 +455,46 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(api: A
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0, out.decode()[-6000:]
+
+
+@pytest.mark.parametrize("transport", ["redis", "http", "socket"])
+async def test_the_sync_client_has_the_same_methods_over_redis_and_http(
+        make_config: Callable[..., Config], start_executor: Any, scripts: Path, tmp_path: Path,
+        transport: str) -> None:
+    import asyncio
+
+    from task_job import Client
+
+    sock = str(tmp_path / "api.sock")
+    config = make_config(server_port=free_port(), api_tokens=api_tokens(), server_socket=sock)
+    await start_executor(config)
+
+    def scenario() -> None:
+        if transport == "redis":
+            client = Client(config)
+        elif transport == "http":
+            client = Client(url=f"http://127.0.0.1:{config.server_port}", token=_secret("admin"))
+        else:
+            client = Client(url="http://x", unix_socket=sock, token=_secret("admin"))
+        with client:
+            task_id = client.submit("slow.sh", ["5"])
+            records = list(client.logs(task_id, follow=True))
+            assert [r.data for r in records if r.msg_type == "stdout"] and records[-1].is_done
+            assert "".join(r.data for r in records if r.msg_type == "stdout") == \
+                "".join(f"line {i}\n" for i in range(1, 6))
+            done = client.wait(task_id, timeout=30)
+            assert done.fields["status"] == "succeeded"
+            status = client.status(task_id)
+            assert status is not None and status["status"] == "succeeded"
+            assert client.status("no-such-task") is None
+            assert task_id in {t["id"] for t in client.tasks(status="succeeded")}
+            assert [e["id"] for e in client.executors()] == [config.executor_id]
+            long = client.submit("slow.sh", ["400"])
+            for record in client.logs(long, follow=True):
+                if record.msg_type == "stdout":
+                    client.kill(long)
+                    break
+            assert client.wait(long, timeout=30).fields["status"] == "killed"
+            assert len(list(client.logs(long))) >= 2
+
+    await asyncio.to_thread(scenario)

@@ -10,7 +10,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from task_job import broker as broker_module
 from task_job.broker import BIG_ARG, SCRIPT_NAMES, Broker
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 
 from .conftest import ExecutorHandle, wait_done
@@ -68,7 +68,7 @@ async def test_a_lane_cut_by_the_server_raises_once_then_reconnects(
 
 
 async def test_tasks_keep_running_after_redis_forgets_the_scripts(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     first = await client.submit("install.sh", ["one"])
     assert (await wait_done(sync_redis, config, first)).fields["status"] == "succeeded"
     sync_redis.script_flush()  # as after a restart of a Redis that keeps no scripts

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from task_job.broker import Keys
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.protocol import parse_record
 
@@ -79,7 +79,7 @@ async def test_sigterm_drains_running_tasks_kills_the_rest_and_exits_zero(
         sync_redis: redis.Redis, tmp_path: Path) -> None:
     config = make_config(drain_timeout=1.5)
     proc, _ = await started(spawn_executor, sync_redis, config, tmp_path)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         short = await client.submit("sleep.sh", ["0.5"])
         long = await client.submit("sleep.sh", ["100"])
         await wait_until(lambda: len(records_of(sync_redis, config)) >= 2, what="both started")
@@ -104,7 +104,7 @@ async def test_100_mb_of_output_is_delivered_completely_with_bounded_memory(
     config = make_config(task_log_max_records=100)
     proc, _ = await started(spawn_executor, sync_redis, config, tmp_path, task_log_max_records=100)
     size = 100_000_000
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("flood.sh", [str(size)])
         done = await wait_done(sync_redis, config, task_id, timeout=240)
     assert done.fields["status"] == "succeeded"
@@ -253,3 +253,25 @@ async def test_status_tasks_dead_drain_commands_and_wait_exit_codes(
     assert row["status"] == "draining" and isinstance(row["slots"], int)
     assert cli("resume", *conf, config.executor_id).returncode == 0
     assert cli("drain", *conf, "no-such-executor").returncode == 1
+
+
+async def test_ctrl_c_on_submit_wait_says_how_to_kill_the_task(
+        config: Config, spawn_executor: Callable[..., ExecutorProcess], sync_redis: redis.Redis,
+        tmp_path: Path) -> None:
+    _, path = await started(spawn_executor, sync_redis, config, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "task_job.cli", "submit", "--config", str(path),
+                             "--id", "cc1", "--wait", "--", "sleep.sh", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_until(lambda: records_of(sync_redis, config, "cc1") or
+                         sync_redis.hget(f"{{{config.queue_name}}}:task:cc1", "status") == b"running",
+                         what="the task running")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert f"task-job kill --config {path} cc1" in err and "Traceback" not in err
+    assert cli("kill", "--config", str(path), "cc1").returncode == 0

@@ -76,3 +76,17 @@ def test_example_config_loads_and_lists_every_key() -> None:
     missing = [f.name for f in fields(Config) if f'"{f.name}"' not in text]
     assert not missing, f"config.example.json lacks {missing}"
     assert cfg.queue_name == "queue_job_task"
+
+
+def test_a_misspelt_environment_setting_is_an_error_naming_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="TASK_JOB_MAX_CONCURENCY: unknown setting "
+                                          r"\(did you mean TASK_JOB_MAX_CONCURRENCY\?\)"):
+        load_config(env={"TASK_JOB_MAX_CONCURENCY": "4"}, check_paths=False)
+    load_config(env={"TASK_JOB_RUN": "x", "TASK_JOB_MAX_CONCURRENCY": "4"}, check_paths=False)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_bytes(b'{"cmd_dir": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path, check_paths=False)

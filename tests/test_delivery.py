@@ -16,7 +16,7 @@ import pytest
 import redis
 from aiohttp import web
 
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.embedded import free_port
 from task_job.files import prune
@@ -100,7 +100,7 @@ async def test_http_batches_arrive_complete_and_in_order_with_configured_headers
     await receiver.start()
     config = make_config(logs_http=receiver.url, logs_http_headers={"Authorization": "Bearer t0k"})
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         ids = [await client.submit("install.sh", [f"n{i}"]) for i in range(5)]
         for task_id in ids:
             await wait_done(sync_redis, config, task_id)
@@ -120,7 +120,7 @@ async def test_receiver_down_for_a_while_loses_nothing(
     (cmd_dir / "ticker.sh").chmod(0o755)
     config = make_config(logs_http=receiver.url, buffer_bytes=256 << 10)
     handle = await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("ticker.sh", ["100"])
         await wait_done(sync_redis, config, task_id, timeout=30)  # Redis got everything meanwhile
     assert handle.executor.http.spooling
@@ -138,7 +138,7 @@ async def test_receiver_answering_500_then_200_gets_the_batch(
     await receiver.start()
     config = make_config(logs_http=receiver.url)
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("install.sh", ["retried"])
     await wait_until(lambda: receiver.done(task_id), 30, what="records posted after retries")
     assert receiver.answers[:4] == [500, 503, 429, 200]
@@ -152,7 +152,7 @@ async def test_receiver_answering_400_dead_letters_the_batch_and_the_executor_go
     await receiver.start()
     config = make_config(logs_http=receiver.url)
     handle = await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         first = await client.submit("install.sh", ["refused"])
         await wait_until(lambda: handle.executor.http.dead_batches == 1, what="batch dead-lettered")
         second = await client.submit("install.sh", ["accepted"])
@@ -178,7 +178,7 @@ async def test_http_spool_is_delivered_after_an_executor_restart(
 
     await wait_until(lambda: sync_redis.zscore(Keys.for_config(config).executors,
                                                config.executor_id), 15, what="registered")
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("ticker.sh", ["30"])
     await wait_done(sync_redis, config, task_id, timeout=30)
     proc.signal(signal.SIGTERM)
@@ -218,7 +218,7 @@ async def test_task_output_and_done_record_are_written_to_log_files(
     log_dir = tmp_path / "logs"
     config = make_config(log_dir=str(log_dir))
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("install.sh", ["to a file"])
         done = await wait_done(sync_redis, config, task_id)
     day = dt.datetime.fromtimestamp(done.fields["started_at"]).strftime("%Y-%m-%d")
@@ -240,7 +240,7 @@ async def test_max_output_action_kill_stops_a_task_that_prints_too_much(
         make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis) -> None:
     config = make_config(max_output=10_000, max_output_action="kill")
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("flood.sh", ["100000000"])
         done = await wait_done(sync_redis, config, task_id)
     assert done.fields["status"] == "killed" and "max_output of 10000 bytes exceeded" in done.data

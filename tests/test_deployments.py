@@ -14,7 +14,7 @@ import pytest
 import redis
 import trustme
 
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.embedded import RedisServer, SentinelServer, free_port
 
@@ -33,7 +33,7 @@ async def test_acl_user_and_password_work_and_the_password_is_never_logged(
         caplog.set_level(logging.INFO)
         await start_executor(config)
         with redis.Redis(port=server.port, username="tj", password="s3cr3t-pw") as r:
-            async with Client(config) as client:
+            async with AsyncClient(config) as client:
                 task_id = await client.submit("install.sh", ["acl"])
                 assert (await wait_done(r, config, task_id)).fields["status"] == "succeeded"
         fields = [str(vars(record)) for record in caplog.records]
@@ -113,7 +113,7 @@ async def test_rediss_with_ca_and_client_certificate_runs_tasks(
                          redis_tls_ca=files["ca"], redis_tls_cert=files["cert"],
                          redis_tls_key=files["key"])
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("install.sh", ["over tls"])
         done = await client.wait(task_id, timeout=15)
     assert done.fields["status"] == "succeeded"
@@ -171,7 +171,7 @@ async def test_sentinel_failover_mid_run_loses_no_claimed_task(
     assert config.replicas_to_wait == 1
     await start_executor(config)
     ids = [f"f{i}" for i in range(24)]
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         for task_id in ids:
             await client.submit("sleep.sh", ["0.3"], task_id=task_id)
         await client.broker.redis.execute_command("WAIT", 1, 1000)

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from task_job.broker import Keys
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.protocol import build_task
 from task_job.runner import Guard
@@ -40,7 +40,7 @@ def output_of(r: redis.Redis, config: Config, task_id: str, kind: str = "stdout"
 
 
 async def test_original_example_message_runs_and_streams_records(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     await client.push_raw(ORIGINAL)
     done = await wait_done(sync_redis, config, "101")
     recs = records_of(sync_redis, config, "101")
@@ -63,7 +63,7 @@ async def test_original_example_message_runs_and_streams_records(
 
 
 async def test_every_state_record_keeps_its_pid_and_start_time_whether_sent_alone_or_folded(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     # A burst of short tasks: most start notes are folded into their done record's script.
     ids = [await client.submit("install.sh", [str(i)]) for i in range(30)]
     dones = [await wait_done(sync_redis, config, i) for i in ids]
@@ -76,14 +76,14 @@ async def test_every_state_record_keeps_its_pid_and_start_time_whether_sent_alon
 
 
 async def test_failed_task_reports_exit_status(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     task_id = await client.submit("fail.sh")
     done = await wait_done(sync_redis, config, task_id)
     assert (done.fields["status"], done.fields["exit_code"], done.data) == ("failed", 2, "exit status 2")
 
 
 async def test_shell_metacharacters_in_cmd_args_arrive_verbatim(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     args = ["$HOME", "`id`", "a b", "; rm -rf /", "*", "'\"", "$(touch pwned)", "", "x\ny"]
     task_id = await client.submit("args.sh", args)
     await wait_done(sync_redis, config, task_id)
@@ -93,14 +93,14 @@ async def test_shell_metacharacters_in_cmd_args_arrive_verbatim(
 
 
 async def test_output_without_trailing_newline_is_delivered(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     task_id = await client.submit("noeol.sh")
     await wait_done(sync_redis, config, task_id)
     assert output_of(sync_redis, config, task_id) == b"no newline at the end"
 
 
 async def test_non_utf8_output_round_trips_through_base64(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     task_id = await client.submit("binary.sh")
     await wait_done(sync_redis, config, task_id)
     recs = [r for r in records_of(sync_redis, config, task_id) if r.msg_type == "stdout"]
@@ -109,7 +109,7 @@ async def test_non_utf8_output_round_trips_through_base64(
 
 
 async def test_env_cwd_and_stdin_reach_the_task(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     env_id = await client.submit("../env.sh", env={"GREETING": "hi there"}, cwd="sub")
     cat_id = await client.submit("cat.sh", stdin="fed through stdin\n")
     await wait_done(sync_redis, config, env_id)
@@ -119,7 +119,7 @@ async def test_env_cwd_and_stdin_reach_the_task(
 
 
 async def test_stdin_bigger_than_a_pipe_arrives_whole_and_tasks_leave_no_fd_open(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     fds_before = pipes_and_pidfds()
     # 740 KB through cat (a pipe holds 64 KiB): the writer waits for room, the reader for output.
     lines = "".join(f"line {i:07d} of the stdin fed to cat\n" for i in range(20000))
@@ -137,7 +137,7 @@ async def test_stdin_bigger_than_a_pipe_arrives_whole_and_tasks_leave_no_fd_open
 
 
 async def test_interpreter_runs_a_script_inside_cmd_dir(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     task_id = await client.submit("python3", ["-u", "script.py", "a b"])
     done = await wait_done(sync_redis, config, task_id)
     assert done.fields["status"] == "succeeded", done.fields
@@ -152,7 +152,7 @@ async def test_interpreter_runs_a_script_inside_cmd_dir(
     ("python3", ["-c", "print('escaped')"]),
 ])
 async def test_confinement_escape_is_rejected_and_never_runs(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         tmp_path: Path, cmdline: str, args: list[str]) -> None:
     escape = tmp_path / "escape.sh"
     escape.write_text(f"#!/bin/sh\ntouch {tmp_path}/escaped\n")
@@ -167,7 +167,7 @@ async def test_confinement_escape_is_rejected_and_never_runs(
 
 
 async def test_timeout_kills_the_task_and_its_grandchild(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     task_id = await client.submit("family.sh", [str(pidfile)], timeout=0.5)
@@ -181,7 +181,7 @@ async def test_timeout_kills_the_task_and_its_grandchild(
 
 
 async def test_kill_message_reaches_grandchild_processes(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     await client.push_raw(build_task("101", "family.sh", [str(pidfile)], type="test"))
@@ -203,7 +203,7 @@ async def test_kill_escalates_to_sigkill_after_kill_grace(
         make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis) -> None:
     config = make_config(kill_grace=0.3)
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("term_ignored.sh")
         await wait_until(lambda: output_of(sync_redis, config, task_id), what="task ready")
         await client.kill(task_id)
@@ -213,7 +213,7 @@ async def test_kill_escalates_to_sigkill_after_kill_grace(
 
 
 async def test_kill_before_the_task_starts_cancels_it(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     await client.kill("later")
@@ -226,7 +226,7 @@ async def test_kill_before_the_task_starts_cancels_it(
 
 
 async def test_kill_for_unknown_or_finished_task_changes_nothing(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     task_id = await client.submit("install.sh", ["x"])
     await wait_done(sync_redis, config, task_id)
     await client.kill(task_id)
@@ -237,7 +237,7 @@ async def test_kill_for_unknown_or_finished_task_changes_nothing(
 
 
 async def test_duplicate_id_is_rejected_not_run_twice(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         tmp_path: Path) -> None:
     counter = tmp_path / "runs"
     await client.submit("count.sh", [str(counter)], task_id="dup")
@@ -270,7 +270,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_executor_keeps_servi
         make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis) -> None:
     config = make_config(max_message_bytes=4096)
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         for raw, _, _ in MALFORMED:
             await client.push_raw(raw)
         good = await client.submit("install.sh", ["still serving"])
@@ -293,7 +293,7 @@ async def test_slots_bound_how_many_tasks_run_at_once(
         make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis) -> None:
     config = make_config(max_concurrency=2)
     handle = await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         ids = [await client.submit("sleep.sh", ["0.3"]) for _ in range(5)]
         keys = Keys.for_config(config)
         peak = 0
@@ -324,7 +324,7 @@ async def test_leftover_of_a_dead_run_with_this_executor_id_is_reported_lost(
 
 
 async def test_orphaned_background_child_does_not_hang_the_task(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         tmp_path: Path) -> None:
     pidfile = tmp_path / "bg.pid"
     task_id = await client.submit("orphan.sh", [str(pidfile)])
@@ -334,7 +334,7 @@ async def test_orphaned_background_child_does_not_hang_the_task(
 
 
 async def test_max_output_caps_what_is_kept_and_says_so(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config) -> None:
     task_id = "capped"
     await client.push_raw(orjson.dumps({"id": task_id, "task": {
         "cmdline": "flood.sh", "cmd_args": ["100000"], "max_output": 1000}}))
@@ -350,7 +350,7 @@ async def test_logs_false_sends_only_done_records(
         make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis) -> None:
     config = make_config(logs=False)
     await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("install.sh", ["quiet"])
         await wait_done(sync_redis, config, task_id)
     recs = records_of(sync_redis, config, task_id)
@@ -358,7 +358,7 @@ async def test_logs_false_sends_only_done_records(
 
 
 async def test_wait_follows_the_per_task_stream(
-        executor: ExecutorHandle, client: Client, config: Config) -> None:
+        executor: ExecutorHandle, client: AsyncClient, config: Config) -> None:
     task_id = await client.submit("install.sh", ["streamed"])
     done = await client.wait(task_id, timeout=15)
     assert done.fields["status"] == "succeeded"
@@ -371,7 +371,7 @@ async def test_stop_drains_running_tasks_then_kills_the_rest(
         make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis) -> None:
     config = make_config(drain_timeout=0.5)
     handle = await start_executor(config)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         short = await client.submit("sleep.sh", ["0.1"])
         long = await client.submit("sleep.sh", ["100"])
         await wait_until(lambda: len(handle.executor.running) == 2, what="both running")
@@ -404,7 +404,7 @@ async def test_guard_kills_the_groups_it_lists_when_its_pipe_closes_and_spares_r
 
 
 async def test_a_setsid_grandchild_and_a_double_fork_do_not_outlive_their_task(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         cmd_dir: Path, tmp_path: Path) -> None:
     (cmd_dir / "escape.sh").write_text(
         '#!/bin/sh\nsetsid sleep 1000 </dev/null >/dev/null 2>&1 &\necho $! > "$1"\n'
@@ -421,7 +421,7 @@ async def test_a_setsid_grandchild_and_a_double_fork_do_not_outlive_their_task(
 
 
 async def test_done_records_carry_usage_of_cpu_and_peak_memory(
-        executor: ExecutorHandle, client: Client, sync_redis: redis.Redis, config: Config,
+        executor: ExecutorHandle, client: AsyncClient, sync_redis: redis.Redis, config: Config,
         cmd_dir: Path) -> None:
     (cmd_dir / "alloc.py").write_text(
         "#!/usr/bin/env python3\nblock = bytearray(100 * 1024 * 1024)\n"

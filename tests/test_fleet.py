@@ -16,7 +16,7 @@ import redis
 import redis.asyncio as aioredis
 
 from task_job.broker import Keys
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.protocol import build_task
 
@@ -56,7 +56,7 @@ async def test_sigkilled_executors_tasks_are_taken_over_and_reported_lost(
         tmp_path: Path) -> None:
     victim = make_config(**FAST)
     proc = await spawn_registered(spawn_executor, sync_redis, victim, tmp_path / "victim.json")
-    async with Client(victim) as client:
+    async with AsyncClient(victim) as client:
         ids = [await client.submit("sleep.sh", ["100"]) for _ in range(3)]
         await wait_until(lambda: all(records_of(sync_redis, victim, i) for i in ids), what="running")
         killed_at = time.monotonic()
@@ -110,7 +110,7 @@ async def test_tasks_and_their_children_die_with_a_sigkilled_executor(
     second = await wait_until(lambda: (g := guard_of(proc.pid)) != first and g, 10,
                               what="a new guard")
     pidfile = tmp_path / "child.pid"
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("family.sh", [str(pidfile)])
     child = int(await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(),
                                  what="the task's child"))
@@ -151,7 +151,7 @@ async def test_kill_reaches_the_executor_that_runs_the_task(
     configs = [make_config(**FAST) for _ in range(3)]
     handles: list[ExecutorHandle] = [await start_executor(c) for c in configs]
     latencies = []
-    async with Client(configs[0]) as client:
+    async with AsyncClient(configs[0]) as client:
         for n in range(9):
             task_id = f"route-{n}"
             await client.submit("sleep.sh", ["100"], task_id=task_id)
@@ -172,7 +172,7 @@ async def test_kill_of_a_queued_task_cancels_it_before_it_starts(
     config = make_config(max_concurrency=1)
     await start_executor(config)
     marker = tmp_path / "ran"
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         blocker = await client.submit("sleep.sh", ["100"])
         await wait_until(lambda: records_of(sync_redis, config, blocker), what="slot busy")
         queued = await client.submit("count.sh", [str(marker)])
@@ -193,7 +193,7 @@ async def test_frozen_executor_is_taken_over_and_does_not_report_twice_when_it_w
     frozen = make_config(**FAST)
     proc = await spawn_registered(spawn_executor, sync_redis, frozen, tmp_path / "frozen.json")
     pidfile = tmp_path / "child.pid"
-    async with Client(frozen) as client:
+    async with AsyncClient(frozen) as client:
         task_id = await client.submit("family.sh", [str(pidfile)])
         await wait_until(lambda: records_of(sync_redis, frozen, task_id), what="running")
         proc.signal(signal.SIGSTOP)

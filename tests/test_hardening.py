@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from task_job.broker import Broker, Keys
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.embedded import RedisServer
 from task_job.errors import ProtocolError
@@ -468,7 +468,7 @@ async def test_dead_letter_and_records_lists_are_capped_oldest_out(
 
 async def test_submit_validates_before_pushing_and_refuses_a_known_id(
         config: Config, executor: Any, sync_redis: redis.Redis) -> None:
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         for bad_id in ("x" * 257, "tab\there"):
             with pytest.raises(ProtocolError):
                 await client.submit("install.sh", task_id=bad_id)
@@ -523,6 +523,9 @@ def test_a_second_embedded_server_on_one_state_dir_refuses_to_start(
     assert sock.exists() and first.proc.poll() is None
     with redis.Redis(unix_socket_path=str(sock)) as r:
         assert r.ping()
+    first.signal(signal.SIGTERM)  # stops its embedded redis-server too (SIGKILL would orphan it)
+    assert first.wait(30) == 0
+    assert not sock.exists()
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from task_job.broker import Broker, Keys
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.embedded import RedisServer
 from task_job.protocol import MsgType, Outcome, RecordHead, Status
@@ -54,7 +54,7 @@ async def test_records_written_during_an_outage_arrive_in_order_exactly_once(
     config = outage_config()
     handle = await start_executor(config)
     r = redis.Redis.from_url(own_redis.url)
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("ticker.sh", ["150"])
         await wait_until(lambda: records_of(r, config, task_id), what="output flowing")
         r.close()
@@ -68,7 +68,7 @@ async def test_records_written_during_an_outage_arrive_in_order_exactly_once(
     recs = records_of(r, config, task_id)
     assert [rec.seq for rec in recs] == list(range(len(recs)))
     assert stdout_of(r, config, task_id) == expected_ticker(150)
-    async with Client(config) as client:  # claiming resumed by itself
+    async with AsyncClient(config) as client:  # claiming resumed by itself
         after = await client.submit("install.sh", ["after the outage"])
         assert (await wait_done(r, config, after)).fields["status"] == "succeeded"
     await wait_until(lambda: not handle.executor.sink.spooling, what="spool emptied")
@@ -87,7 +87,7 @@ async def test_spooled_records_are_delivered_by_the_next_start_after_a_restart(
     r = redis.Redis.from_url(own_redis.url)
     keys = Keys.for_config(config)
     await wait_until(lambda: r.zscore(keys.executors, config.executor_id), 15, what="registered")
-    async with Client(config) as client:
+    async with AsyncClient(config) as client:
         task_id = await client.submit("ticker.sh", ["50"])
     await wait_until(lambda: records_of(r, config, task_id), what="output flowing")
     r.close()
@@ -116,7 +116,7 @@ async def test_executors_cut_off_together_do_not_declare_each_other_dead(
     configs = [outage_config(), outage_config()]
     handles = [await start_executor(c) for c in configs]
     r = redis.Redis.from_url(own_redis.url)
-    async with Client(configs[0]) as client:
+    async with AsyncClient(configs[0]) as client:
         ids = [await client.submit("sleep.sh", ["100"]) for _ in range(4)]
         await wait_until(lambda: all(records_of(r, configs[0], i) for i in ids), what="running")
         r.close()

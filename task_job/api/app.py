@@ -1,5 +1,5 @@
 """`create_app(service)`: the routes of /api/v1, /healthz, /readyz and /metrics, with token
-auth and JSON errors. Reads and writes Redis only through `Client` (task_job.client)."""
+auth and JSON errors. Reads and writes Redis only through `AsyncClient` (task_job.client)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aiohttp import web
 
 from task_job import __version__
 from task_job.api.auth import Principal, Tokens
-from task_job.client import TASK_STATUSES, Client
+from task_job.client import TASK_STATUSES, AsyncClient
 from task_job.config import Config
 from task_job.confine import Policy
 from task_job.errors import ConfinementError, ProtocolError
@@ -35,7 +35,7 @@ class Service:
     """What the routes need: the client, the config, the tokens, the confinement policy (for
     `allow`), and the executor when this API is served by one (readiness, metrics, drain)."""
 
-    client: Client
+    client: AsyncClient
     config: Config
     tokens: Tokens
     policy: Policy
@@ -44,6 +44,8 @@ class Service:
 
 
 SERVICE = web.AppKey("service", Service)
+# Who a request acts as; a typed key where this aiohttp has them (3.12+).
+PRINCIPAL: Any = web.RequestKey("principal", Principal) if hasattr(web, "RequestKey") else "principal"
 
 
 class ApiError(Exception):
@@ -117,12 +119,12 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise ApiError(401, "unauthorized", "a valid token is required: Authorization: Bearer <token>")
     if not principal.may("read" if needed == "metrics" else needed):
         raise ApiError(403, "forbidden", f"token {principal.name!r} lacks the {needed!r} scope")
-    request["principal"] = principal
+    request[PRINCIPAL] = principal
     return await handler(request)
 
 
 def principal_of(request: web.Request) -> Principal:
-    p = request.get("principal")
+    p = request.get(PRINCIPAL)
     assert isinstance(p, Principal)
     return p
 
@@ -233,7 +235,7 @@ def _admit(service: Service, principal: Principal, task: Task) -> None:
                        "task.cmdline")
 
 
-async def _result(client: Client, task_id: str, done: dict[str, Any]) -> dict[str, Any]:
+async def _result(client: AsyncClient, task_id: str, done: dict[str, Any]) -> dict[str, Any]:
     """The done record with the last stdout and stderr lines (celery-service's sync mode)."""
     last = {"stdout": b"", "stderr": b""}
     async for record in client.records(task_id):

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from task_job.api.app import Service, create_app
 from task_job.api.auth import Tokens, local_token
-from task_job.client import Client
+from task_job.client import AsyncClient
 from task_job.config import Config, is_loopback
 from task_job.confine import Policy
 from task_job.errors import ConfigError
@@ -46,10 +46,10 @@ def _ssl_context(config: Config) -> ssl.SSLContext | None:
 
 
 class ApiServer:
-    def __init__(self, config: Config, *, executor: Any = None, client: Client | None = None) -> None:
+    def __init__(self, config: Config, *, executor: Any = None, client: AsyncClient | None = None) -> None:
         self.config = config
         self.executor = executor
-        self.client = client or Client(config)
+        self.client = client or AsyncClient(config)
         self._own_client = client is None
         self._runner: web.AppRunner | None = None
         self.token_file: str | None = None
