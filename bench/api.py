@@ -154,47 +154,58 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=2000, help="tasks per CPU-cost run")
+    parser.add_argument("--parts", default="123", help="which measurements, e.g. 3")
     args = parser.parse_args()
     cmd_dir = tempfile.mkdtemp(prefix="tj-cmd-")
     shutil.copy(shutil.which("true") or "/bin/true", os.path.join(cmd_dir, "true"))
     try:
         with redis_server() as (server, r):
-            print("1. submissions per second (no executor)", flush=True)
             rates: dict[str, list[float]] = {"api": [], "bare": []}
-            for i in range(args.runs):
+            if "1" in args.parts:
+                print("1. submissions per second (no executor)", flush=True)
+            for i in range(args.runs if "1" in args.parts else 0):
                 for name in (("api", "bare") if i % 2 == 0 else ("bare", "api")):
                     r.flushall()
                     with (api_server(server.url, cmd_dir) if name == "api" else bare_server()) as port:
                         asyncio.run(load(port, args.requests // 10, args.concurrency))  # warm-up
                         rates[name].append(asyncio.run(load(port, args.requests, args.concurrency)))
                     print(f"   run {i + 1} {name:4}: {rates[name][-1]:6.0f}/s", flush=True)
-            a, b = statistics.median(rates["api"]), statistics.median(rates["bare"])
-            print(f"   median: API {a:.0f}/s, bare aiohttp {b:.0f}/s: {a / b:.2f}x")
-
-            print("2. latency ?wait adds over the executor's own push-to-done", flush=True)
-            r.flushall()
-            port = free_port()
-            with executor(server.url, cmd_dir, server_port=port, api_tokens=TOKENS,
-                          max_concurrency=4) as proc:
-                wait_port(port, proc)  # served once the executor has registered
-                asyncio.run(wait_latency(port, r, 20))  # warm-up
-                api, direct = asyncio.run(wait_latency(port, r, 200))
-            print(f"   ?wait p50 {pct(api, 50) * 1e3:.2f} ms p99 {pct(api, 99) * 1e3:.2f} ms; "
-                  f"direct p50 {pct(direct, 50) * 1e3:.2f} ms p99 {pct(direct, 99) * 1e3:.2f} ms; "
-                  f"added p50 {(pct(api, 50) - pct(direct, 50)) * 1e3:.2f} ms")
-
-            print("3. executor CPU per task, API enabled and idle against disabled", flush=True)
-            cpu: dict[str, list[float]] = {"off": [], "on": []}
-            for i in range(args.runs):
-                for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
-                    extra = {"server_port": free_port(), "api_tokens": TOKENS} if name == "on" else {}
-                    cpu[name].append(run_once(ROOT, server.url, r, cmd_dir, args.tasks, **extra))
-                    print(f"   run {i + 1} {name:3}: {cpu[name][-1] * 1e6:5.0f} us per task", flush=True)
-            c0, c1 = statistics.median(cpu["off"]), statistics.median(cpu["on"])
-            print(f"   median: {c0 * 1e6:.0f} us off, {c1 * 1e6:.0f} us on ({(c1 - c0) * 1e6:+.0f} us)")
+            if "1" in args.parts:
+                a, b = statistics.median(rates["api"]), statistics.median(rates["bare"])
+                print(f"   median: API {a:.0f}/s, bare aiohttp {b:.0f}/s: {a / b:.2f}x")
+            if "2" in args.parts:
+                latency(server.url, r, cmd_dir)
+            if "3" in args.parts:
+                cpu_cost(server.url, r, cmd_dir, args.runs, args.tasks)
     finally:
         shutil.rmtree(cmd_dir, ignore_errors=True)
     print(f"\n{machine()}")
+
+
+def latency(url: str, r: redis.Redis, cmd_dir: str) -> None:
+    print("2. latency ?wait adds over the executor's own push-to-done", flush=True)
+    r.flushall()
+    port = free_port()
+    with executor(url, cmd_dir, server_port=port, api_tokens=TOKENS,
+                  max_concurrency=4) as proc:
+        wait_port(port, proc)  # served once the executor has registered
+        asyncio.run(wait_latency(port, r, 20))  # warm-up
+        api, direct = asyncio.run(wait_latency(port, r, 200))
+    print(f"   ?wait p50 {pct(api, 50) * 1e3:.2f} ms p99 {pct(api, 99) * 1e3:.2f} ms; "
+          f"direct p50 {pct(direct, 50) * 1e3:.2f} ms p99 {pct(direct, 99) * 1e3:.2f} ms; "
+          f"added p50 {(pct(api, 50) - pct(direct, 50)) * 1e3:.2f} ms")
+
+
+def cpu_cost(url: str, r: redis.Redis, cmd_dir: str, runs: int, tasks: int) -> None:
+    print("3. executor CPU per task, API enabled and idle against disabled", flush=True)
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
+    for i in range(runs):
+        for name in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            extra = {"server_port": free_port(), "api_tokens": TOKENS} if name == "on" else {}
+            cpu[name].append(run_once(ROOT, url, r, cmd_dir, tasks, **extra))
+            print(f"   run {i + 1} {name:3}: {cpu[name][-1] * 1e6:5.0f} us per task", flush=True)
+    c0, c1 = statistics.median(cpu["off"]), statistics.median(cpu["on"])
+    print(f"   median: {c0 * 1e6:.0f} us off, {c1 * 1e6:.0f} us on ({(c1 - c0) * 1e6:+.0f} us)")
 
 
 if __name__ == "__main__":
