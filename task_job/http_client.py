@@ -30,8 +30,16 @@ class AsyncHttpClient:
     """
 
     def __init__(self, url: str, token: str | None = None, *, unix_socket: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
+                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0,
+                 state_dir: str | None = None) -> None:
+        """`token` None: the token an executor of this user generated (<state_dir>/api-token,
+        when no api_tokens are configured), if it can be read."""
         self.url = url.rstrip("/")
+        if token is None:
+            from task_job.api.auth import read_local_token
+            from task_job.config import default_state_dir
+
+            token = read_local_token(state_dir or default_state_dir())
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._unix_socket = unix_socket
         self._ssl = ssl_context

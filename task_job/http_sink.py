@@ -58,6 +58,9 @@ class HttpSink:
         self._spool_active = False
         self._down_since: float | None = None
         self.posted_batches = 0
+        self.posted_records = 0  # these three for /metrics
+        self.posted_bytes = 0
+        self.failed_batches = 0
         self.dead_batches = 0
         self._session: aiohttp.ClientSession | None = None
 
@@ -159,11 +162,15 @@ class HttpSink:
             async with self._session.post(self.url, data=body, headers=self.headers) as resp:
                 if resp.status < 300:
                     self.posted_batches += 1
+                    self.posted_records += len(batch)
+                    self.posted_bytes += len(body)
                     return
+                self.failed_batches += 1
                 if resp.status == 429 or resp.status >= 500:
                     raise ConnectionError(f"HTTP {resp.status}")
                 raise HttpRejected(f"HTTP {resp.status}: {(await resp.text())[:200]}")
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self.failed_batches += 1
             raise ConnectionError(str(exc) or type(exc).__name__) from exc
 
     async def _deliver(self, batch: list[bytes]) -> None:

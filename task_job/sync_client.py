@@ -32,7 +32,8 @@ class Client:
         if url is not None:
             from task_job.http_client import AsyncHttpClient
 
-            self._inner: Any = AsyncHttpClient(url, token, unix_socket=unix_socket)
+            self._inner: Any = AsyncHttpClient(url, token, unix_socket=unix_socket,
+                                               state_dir=overrides.get("state_dir"))
         else:
             self._inner = self._run(_make_async(config, overrides))
 

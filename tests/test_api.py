@@ -372,6 +372,16 @@ async def test_no_tokens_configured_makes_a_private_admin_token(
         async with session.get(base + "/api/v1/queues", headers={"Authorization": f"Bearer {token}"}) as resp:
             assert resp.status == 200
 
+    def with_the_generated_token() -> list[dict[str, Any]]:
+        from task_job import Client
+
+        with Client(url=f"http://127.0.0.1:{config.server_port}", state_dir=config.state_dir) as c:
+            return c.executors()
+
+    import asyncio
+
+    assert [e["id"] for e in await asyncio.to_thread(with_the_generated_token)] == [config.executor_id]
+
 
 def test_binding_beyond_loopback_without_tokens_is_refused(tmp_path: Path) -> None:
     from task_job.config import load_config

@@ -66,16 +66,20 @@ class _Collector:
         records = CounterMetricFamily("task_job_records_delivered", "Records delivered, by sink",
                                       labels=["sink"])
         records.add_metric(["redis"], ex.sink.delivered_records)
+        if ex.http is not None:
+            records.add_metric(["http"], ex.http.posted_records)
         yield records
         sent = CounterMetricFamily("task_job_bytes_delivered", "Output bytes delivered, by sink",
                                    labels=["sink"])
         sent.add_metric(["redis"], ex.sink.delivered_bytes)
+        if ex.http is not None:
+            sent.add_metric(["http"], ex.http.posted_bytes)  # the JSON posted, not output alone
         yield sent
         errors = CounterMetricFamily("task_job_sink_errors", "Deliveries that failed (then "
                                      "retried or spooled), by sink", labels=["sink"])
         errors.add_metric(["redis"], ex.sink.errors)
         if ex.http is not None:
-            errors.add_metric(["http"], getattr(ex.http, "failed_batches", 0))
+            errors.add_metric(["http"], ex.http.failed_batches)
         yield errors
         spool = getattr(ex.sink, "_spool", None)
         yield GaugeMetricFamily("task_job_spool_bytes", "Bytes waiting in the Redis spool",
