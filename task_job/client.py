@@ -255,8 +255,13 @@ class AsyncClient:
         if executor is not None and "queued" in phases:
             phases.remove("queued")  # a queued task has no executor yet
         if kind:
-            if kind not in phases:
+            if kind not in phases or (kind == "queued" and position and not position.isdigit()):
                 raise ValueError("cursor: not from this listing")
+            if kind == "finished" and position:
+                try:
+                    float(position)
+                except ValueError:
+                    raise ValueError("cursor: not from this listing") from None
             phases = phases[phases.index(kind):]
         for phase in phases:
             want = limit - len(rows)

@@ -6,8 +6,8 @@ Wires broker, runner and sink together; holds no Redis key names and spawns noth
 from __future__ import annotations
 
 import asyncio
-import gc
 import dataclasses
+import gc
 import itertools
 import logging
 import os

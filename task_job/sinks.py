@@ -177,11 +177,12 @@ class RedisSink:
         ref = claim_ref(raw)
         args = [mode, self.executor, seq, record, ref, dead, outcome.status.value, exit_code,
                 f"{outcome.finished_at or now:.6f}", cfg.task_ttl, cfg.task_log_ttl,
-                cfg.task_log_max_records, cfg.dead_max_len, cfg.logs_max_len, stream.head.id]
+                cfg.task_log_max_records, cfg.dead_max_len, cfg.logs_max_len, "", ""]
         started = stream.started
         if started is not None and not started.taken:
             started.dropped = True  # still queued: the done record's script writes them
-            args += [stream.pid, stream.started_at]
+            args[-2:] = [stream.pid, stream.started_at]
+        args.append(stream.head.id)
         script_keys = [keys.logs, stream.log_key, stream.state_key,
                        keys.processing(self.executor), keys.dead, keys.recent(),
                        keys.recent(outcome.status.value), keys.recent_by(self.executor), keys.events]

@@ -508,3 +508,28 @@ async def test_the_sync_client_has_the_same_methods_over_redis_and_http(
             assert len(list(client.logs(long))) >= 2
 
     await asyncio.to_thread(scenario)
+
+
+async def test_redis_going_away_gives_503_then_the_api_recovers(
+        own_redis: Any, make_config: Callable[..., Config], start_executor: Any, scripts: Path) -> None:
+    config = make_config(redis_addr=own_redis.url, server_port=free_port(), api_tokens=api_tokens())
+    await start_executor(config)
+    async with aiohttp.ClientSession() as session:
+        client = Api(f"http://127.0.0.1:{config.server_port}", session)
+        assert (await client.call("GET", "/readyz", "reader"))[0] == 200
+        own_redis.stop()
+        status, body = await client.call("GET", "/api/v1/queues", "reader")
+        assert status == 503 and body["error"]["code"] == "unavailable"
+        status, body = await client.call("GET", "/readyz", "reader")
+        assert status == 503 and body["checks"]["redis"].startswith("unavailable")
+        status, body = await client.call("POST", "/api/v1/tasks", "submitter", json=task("hello.sh"))
+        assert status == 503
+        own_redis.start()
+
+        async def ready() -> bool:
+            return (await client.call("GET", "/readyz", "reader"))[0] == 200
+        await wait_until(ready, 30, what="ready again")
+        status, body = await client.call("POST", "/api/v1/tasks?wait=30", "submitter", json=task("hello.sh"))
+        assert status == 200 and body["status"] == "succeeded"
+        status, body = await client.call("GET", "/api/v1/tasks?cursor=finished:zzz", "reader")
+        assert status == 400 and body["error"]["field"] == "cursor"

@@ -76,3 +76,23 @@ async def test_tasks_keep_running_after_redis_forgets_the_scripts(
     done = await wait_done(sync_redis, config, second)
     assert done.fields["status"] == "succeeded"
     assert sync_redis.script_exists(*executor.executor.broker.scripts.sha.values()) == [True] * len(SCRIPT_NAMES)
+
+
+async def test_a_done_record_spooled_by_the_previous_version_is_still_written(
+        config: Config, sync_redis: redis.Redis) -> None:
+    """Spools outlive upgrades: finish.lua takes the old call (5 keys, 16 args, pid and start
+    time at the end) and writes the record whole, without the newer indexes and event."""
+    broker = Broker(config)
+    keys = broker.keys
+    try:
+        written = await broker.call(
+            "finish", [keys.logs, keys.log("old-1"), keys.task("old-1"), keys.processing("x"), keys.dead],
+            ["new", "x", 0, b'{"id":"old-1","msg_type":"done","seq":0}', "", "", "rejected", "",
+             "1700000000.000000", 3600, 3600, 100, 0, 0, 4242, "1699999999.000000"])
+    finally:
+        await broker.close()
+    assert written == 1
+    assert sync_redis.lrange(config.logs_channel, 0, -1) == [b'{"id":"old-1","msg_type":"done","seq":0}']
+    state = sync_redis.hgetall(keys.task("old-1"))
+    assert state[b"status"] == b"rejected" and state[b"pid"] == b"4242"
+    assert sync_redis.ttl(keys.task("old-1")) > 0

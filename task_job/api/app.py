@@ -14,13 +14,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job import __version__
 from task_job.api.auth import Principal, Tokens
 from task_job.client import TASK_STATUSES, AsyncClient
 from task_job.config import Config
 from task_job.confine import Policy
-from task_job.errors import ConfinementError, ProtocolError
+from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.protocol import Task, parse_task
 
 log = logging.getLogger(__name__)
@@ -98,11 +100,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.Response(body=_error_body(code, exc.reason), status=exc.status,
                             content_type="application/json", headers={
                                 k: v for k, v in exc.headers.items() if k == "Allow"})
-    except (ConnectionError, TimeoutError, OSError) as exc:
+    except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError,
+            BrokerError) as exc:
         log.warning("api: redis unavailable", extra={"error": repr(exc), "path": request.path})
         return web.Response(body=_error_body("unavailable", "redis is unavailable; retry"),
                             status=503, content_type="application/json",
                             headers={"Retry-After": "1"})
+    except Exception:  # a bug: logged with its traceback, answered without one
+        log.exception("api: internal error", extra={"path": request.path})
+        return web.Response(body=_error_body("internal", "internal error (logged)"), status=500,
+                            content_type="application/json")
 
 
 @web.middleware
@@ -176,7 +183,7 @@ async def readyz(request: web.Request) -> web.Response:
         async with asyncio.timeout(service.config.redis_timeout):
             await service.client.broker.redis.ping()
         checks["redis"] = "ok"
-    except (ConnectionError, TimeoutError, OSError) as exc:
+    except (ConnectionError, TimeoutError, OSError, RedisConnectionError, RedisTimeoutError) as exc:
         checks["redis"] = f"unavailable: {exc}"
     ex = service.executor
     if ex is not None:

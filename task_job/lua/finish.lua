@@ -18,8 +18,10 @@
 --          the finished-task indexes (score finished_at; entries older than the state TTL
 --          trimmed here), read by the task listing instead of a keyspace scan
 -- KEYS[9]  {Q}:events   pub/sub channel of task state changes
--- ARGV[15] task id
--- ARGV[16] pid, ARGV[17] started_at: optional, for a task whose start note was never sent
+-- ARGV[15] pid, ARGV[16] started_at: for a task whose start note was never sent ('' = none)
+-- ARGV[17] task id, for the indexes and the event
+-- A done record spooled by an older version (5 KEYS, 14 or 16 ARGV) is still written whole:
+-- it only misses the indexes and the event.
 -- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
 --!include lib_unclaim.lua
@@ -53,13 +55,16 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[12], '*', 'r', ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[11])
 redis.call('HSET', KEYS[3], 'status', ARGV[7], 'executor', ARGV[2], 'seq', ARGV[3],
   'exit_code', ARGV[8], 'finished_at', ARGV[9])
-if ARGV[16] then redis.call('HSET', KEYS[3], 'pid', ARGV[16], 'started_at', ARGV[17]) end
+if ARGV[15] and ARGV[15] ~= '' then
+  redis.call('HSET', KEYS[3], 'pid', ARGV[15], 'started_at', ARGV[16])
+end
 redis.call('EXPIRE', KEYS[3], ARGV[10])
+if not (KEYS[9] and ARGV[17]) then return 1 end
 local horizon = '(' .. (tonumber(ARGV[9]) - tonumber(ARGV[10]))
 for i = 6, 8 do
-  redis.call('ZADD', KEYS[i], ARGV[9], ARGV[15])
+  redis.call('ZADD', KEYS[i], ARGV[9], ARGV[17])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', horizon)
 end
-redis.call('PUBLISH', KEYS[9], cjson.encode({event = 'task', id = ARGV[15], status = ARGV[7],
+redis.call('PUBLISH', KEYS[9], cjson.encode({event = 'task', id = ARGV[17], status = ARGV[7],
   executor = ARGV[2], exit_code = tonumber(ARGV[8]), at = tonumber(ARGV[9])}))
 return 1
