@@ -236,8 +236,11 @@ async def test_kill_drain_resume_and_listings(api: Any, sync_redis: redis.Redis)
     await wait_until(lambda: handle.executor.draining, what="drained")
     status, ready = await client.call("GET", "/readyz", "reader")
     assert status == 503 and ready["checks"]["claiming"] == "drained"
-    status, row = await client.call("GET", f"/api/v1/executors/{config.executor_id}", "reader")
-    assert row["status"] == "draining" and isinstance(row["slots"], int)
+    async def registry_says_draining() -> Any:
+        _, row = await client.call("GET", f"/api/v1/executors/{config.executor_id}", "reader")
+        return row if row["status"] == "draining" else None
+    row = await wait_until(registry_says_draining, what="the registry saying draining")
+    assert isinstance(row["slots"], int) and row["dead_after"] == config.dead_after
     parked = task("hello.sh")
     await client.call("POST", "/api/v1/tasks", "submitter", json=parked)
     # a claim in flight when the drain came is given back: the task stays queued
@@ -295,7 +298,9 @@ async def test_events_stream_task_changes(api: Any) -> None:
     url = f"{client.base}/api/v1/events"
     msg = task("hello.sh")
     statuses = []
-    async with client.session.get(url, headers=auth("reader")) as resp:
+    import asyncio
+
+    async with asyncio.timeout(30), client.session.get(url, headers=auth("reader")) as resp:
         assert resp.status == 200
         await resp.content.readline()  # ": subscribed": the subscription is in place
         await client.call("POST", "/api/v1/tasks", "submitter", json=msg)

@@ -357,6 +357,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     keys = service.client.keys
     pubsub = service.client.broker.redis.pubsub()
     await pubsub.subscribe(keys.events, keys.registry)
+    try:  # both subscriptions confirmed before the stream opens: no event missed after it
+        confirmed = 0
+        async with asyncio.timeout(service.config.redis_timeout):
+            while confirmed < 2:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message["type"] == "subscribe":
+                    confirmed += 1
+    except BaseException:
+        await pubsub.aclose()
+        raise
     response = await _sse_open(request)
     try:
         await response.write(b": subscribed\n\n")
