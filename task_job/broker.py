@@ -74,7 +74,8 @@ def digest_ref(digest: str, size: int) -> bytes:
 
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
-                "heartbeat", "takeover", "adopt", "requeue_dead", "submit")
+                "heartbeat", "takeover", "adopt", "requeue_dead", "submit", "place",
+                "dispatcher_beat", "reroute")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +87,13 @@ class Keys:
     logs: str
     dead: str
     tag: str
+    dispatch: str = ""
 
     @classmethod
     def for_config(cls, config: Config) -> Keys:
         q = config.queue_name
         return cls(queue=q, control=config.queue_control_name, logs=config.logs_channel,
-                   dead=f"{q}_dead", tag=f"{{{q}}}")
+                   dead=f"{q}_dead", tag=f"{{{q}}}", dispatch=config.dispatch_queue)
 
     @property
     def registry(self) -> str:
@@ -120,7 +122,31 @@ class Keys:
         return f"{self.tag}:taken_over:{executor}"
 
     def inbox(self, executor: str) -> str:
+        """An executor's own task queue: a dispatcher, a producer or `task.executor` put
+        tasks meant for it alone here."""
+        return f"{self.tag}:inbox:{executor}"
+
+    def control_inbox(self, executor: str) -> str:
+        """An executor's own control list: kills routed to it, drain and resume."""
         return f"{self.tag}:control:{executor}"
+
+    @property
+    def dispatchers(self) -> str:
+        """Zset of dispatcher heartbeats (ms, server clock)."""
+        return f"{self.tag}:dispatchers"
+
+    def dispatching(self, dispatcher: str) -> str:
+        """A dispatcher's processing list: tasks it took and has not placed yet."""
+        return f"{self.tag}:dispatching:{dispatcher}"
+
+    @property
+    def unroutable(self) -> str:
+        """Zset of tasks no live executor matches (score: when first found so)."""
+        return f"{self.tag}:unroutable"
+
+    @property
+    def dispatch_stats(self) -> str:
+        return f"{self.tag}:dispatch_stats"
 
     def log(self, task_id: str) -> str:
         return f"{self.tag}:log:{task_id}"
@@ -597,6 +623,19 @@ class Broker:
             if isinstance(result, Exception):
                 raise result
         return [raw for raw in moved if raw is not None]
+
+    async def claim_from(self, sources: Sequence[str], processing: str, count: int
+                         ) -> list[list[bytes | Oversize]]:
+        """Up to `count` messages from each source, moved to `processing`, in one round
+        trip; per source, what moved."""
+        moved = await self.claim_lane.execute(
+            [("LMOVE", source, processing, "LEFT", "RIGHT") for source in sources for _ in range(count)],
+            bulk_limit=self.config.max_message_bytes)
+        for result in moved:
+            if isinstance(result, Exception):
+                raise result
+        return [[raw for raw in moved[i * count:(i + 1) * count] if raw is not None]
+                for i in range(len(sources))]
 
     async def acknowledged(self) -> None:
         """With wait_replicas, wait (briefly) until replicas hold what was written so far, so a

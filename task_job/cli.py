@@ -197,12 +197,12 @@ async def _demo(config: Config) -> int:
         return code
 
 
-def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+def _parse_env(pairs: tuple[str, ...], option: str = "--env") -> dict[str, str]:
     env = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            fail(f"--env expects KEY=VALUE (got {pair!r})")
+            fail(f"{option} expects KEY=VALUE (got {pair!r})")
         env[key] = value
     return env
 
@@ -221,13 +221,17 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 @click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment.")
 @click.option("--cwd", metavar="DIR", help="Working directory inside cmd_dir.")
 @click.option("--stdin", "stdin_text", metavar="TEXT", help="Text fed to the task's stdin.")
+@click.option("--executor", metavar="ID", help="Run it on this executor only (its own queue).")
+@click.option("--label", "label_pairs", multiple=True, metavar="K=V",
+              help="Placement selector (the dispatcher matches executors' labels); K=!=V: not V.")
 @click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
 @click.option("--wait-timeout", type=float, metavar="S",
               help="With --wait: give up after S seconds (exit 124; the task runs on).")
 @click.argument("command", nargs=-1, required=True)
 def submit(config_path: str | None, redis_addr: str | None, queue_name: str | None,
            task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
-           cwd: str | None, stdin_text: str | None, wait: bool, wait_timeout: float | None,
+           cwd: str | None, stdin_text: str | None, executor: str | None,
+           label_pairs: tuple[str, ...], wait: bool, wait_timeout: float | None,
            command: tuple[str, ...]) -> None:
     """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
     import shlex
@@ -242,7 +246,8 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
         async with AsyncClient(config) as client:
             ident = await client.submit(cmdline, list(command[1:]), task_id=task_id,
                                         timeout=timeout, env=env or None, cwd=cwd,
-                                        stdin=stdin_text)
+                                        stdin=stdin_text, executor=executor,
+                                        labels=_parse_env(label_pairs, "--label") or None)
             click.echo(ident)
             if not wait:
                 return 0
@@ -417,6 +422,38 @@ def executors(config_path: str | None, redis_addr: str | None, queue_name: str |
         return 0
 
     sys.exit(_run_client(go, config))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.option("--id", "dispatcher_id", metavar="ID", help="This dispatcher's id (default host:pid).")
+def dispatch(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+             dispatcher_id: str | None) -> None:
+    """Run a dispatcher: place tasks of the dispatcher queue on matching executors' queues."""
+    from task_job.dispatch import Dispatcher
+    from task_job.logs import setup_logging
+
+    config = _load(config_path, check_paths=False, redis_addr=redis_addr, queue_name=queue_name,
+                   executor_id=dispatcher_id)
+    setup_logging(config.log_level, config.log_dir, to_stderr=not config.log_dir)
+
+    async def serve() -> None:
+        dispatcher = Dispatcher(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, dispatcher.stop)
+        await dispatcher.run()
+
+    try:
+        asyncio.run(serve())
+    except BrokerError as exc:
+        fail(str(exc), code=1)
+    except TaskJobError as exc:
+        fail(str(exc))
+    except (RedisError, ConnectionError, OSError) as exc:
+        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout, config.redis_addr)}", code=1)
 
 
 @cli.command()

@@ -29,7 +29,7 @@ from task_job.protocol import (
 )
 
 FINISHED = tuple(s.value for s in Status)
-TASK_STATUSES = ("queued", "running", *FINISHED)
+TASK_STATUSES = ("queued", "unroutable", "running", *FINISHED)
 PAGE_MAX = 1000
 RECENT_WINDOW = 10_000  # finished tasks examined for filters without an index (labels, time)
 
@@ -52,7 +52,7 @@ class AsyncClient:
         # duplicate id, which executors dead-letter and never run twice.
         self.broker = Broker(config, retries=3, socket_timeout=config.redis_timeout + BLOCK_MAX)
         self.keys = self.broker.keys
-        self._pushes: list[tuple[str, bytes, asyncio.Future[Any]]] = []
+        self._pushes: list[tuple[str, bytes, str, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -68,24 +68,37 @@ class AsyncClient:
         self, cmdline: str, cmd_args: Sequence[str] = (), *, task_id: str | None = None,
         timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
         stdin: str | None = None, type: str | None = "start", tube: str | None = None,
-        on_lost: str | None = None,
+        on_lost: str | None = None, labels: dict[str, Any] | None = None,
+        executor: str | None = None,
     ) -> str:
-        """Push a task (RPUSH onto the queue); returns its id."""
+        """Push a task; returns its id. With `labels` it goes to the dispatcher queue, with
+        `executor` to that executor's own queue, else onto the shared queue."""
         task_id = task_id or uuid.uuid4().hex
         message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
-                             env=env, cwd=cwd, stdin=stdin, on_lost=on_lost)
+                             env=env, cwd=cwd, stdin=stdin, on_lost=on_lost, labels=labels,
+                             executor=executor)
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
-        parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
-        await self._push_new(task_id, message)
+        task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
+        await self._push_new(task_id, message, self.destination(task))
         return task_id
 
-    async def _push_new(self, task_id: str, message: bytes) -> None:
+    def destination(self, task: Task) -> str:
+        """Where a task goes: a targeted one to its executor's own queue, a labelled one to
+        the dispatcher queue; never onto the shared queue, where an executor that does not
+        know these fields (an older one, the original) would run it anywhere."""
+        if task.executor:
+            return self.keys.inbox(task.executor)
+        if task.labels:
+            return self.keys.dispatch
+        return self.keys.queue
+
+    async def _push_new(self, task_id: str, message: bytes, queue: str) -> None:
         """Push unless the id is known (submit.lua: the check and the push in one script).
         Pushes made while one batch is on its way go together in the next (one round trip
         for many concurrent API submissions), each script applied on its own."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pushes.append((task_id, message, future))
+        self._pushes.append((task_id, message, queue, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_pushes())
         known = await future
@@ -101,7 +114,7 @@ class AsyncClient:
             message = {**message, "submitted_by": by}
         raw = orjson.dumps(message)
         task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
-        await self._push_new(task.id, raw)
+        await self._push_new(task.id, raw, self.destination(task))
         return task
 
     async def _flush_pushes(self) -> None:
@@ -112,11 +125,11 @@ class AsyncClient:
             batch, self._pushes = self._pushes, []
             try:
                 results = await self.broker.send(self.broker.claim_lane, [
-                    ("EVALSHA", sha, 2, self.keys.task(task_id), self.keys.queue, message)
-                    for task_id, message, _ in batch])
+                    ("EVALSHA", sha, 2, self.keys.task(task_id), queue, message)
+                    for task_id, message, queue, _ in batch])
             except Exception as exc:  # each waiting submit raises it
                 results = [exc] * len(batch)
-            for (_, _, future), result in zip(batch, results, strict=True):
+            for (_, _, _, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
@@ -137,7 +150,7 @@ class AsyncClient:
         False when no such executor is registered."""
         if await self.broker.redis.zscore(self.keys.executors, executor) is None:
             return False
-        await self.broker.redis.rpush(self.keys.inbox(executor),
+        await self.broker.redis.rpush(self.keys.control_inbox(executor),
                                       build_control(executor, "resume" if resume else "drain", by))
         return True
 
@@ -250,12 +263,14 @@ class AsyncClient:
             raise ValueError(f"status: one of {', '.join(TASK_STATUSES)}")
         kind, _, position = (cursor or "").partition(":")
         rows: list[dict[str, Any]] = []
-        phases = ["running", "queued", "finished"] if status is None else \
-            ["running" if status == "running" else "queued" if status == "queued" else "finished"]
-        if executor is not None and "queued" in phases:
-            phases.remove("queued")  # a queued task has no executor yet
+        phases = ["running", "queued", "unroutable", "finished"] if status is None else \
+            [status if status in ("running", "queued", "unroutable") else "finished"]
+        for waiting in ("queued", "unroutable"):
+            if executor is not None and waiting in phases:
+                phases.remove(waiting)  # no executor yet
         if kind:
-            if kind not in phases or (kind == "queued" and position and not position.isdigit()):
+            if kind not in phases or (kind in ("queued", "unroutable") and position
+                                      and not position.isdigit()):
                 raise ValueError("cursor: not from this listing")
             if kind == "finished" and position:
                 try:
@@ -270,6 +285,8 @@ class AsyncClient:
                 page, nxt = await self._running(executor, start, want)
             elif phase == "queued":
                 page, nxt = await self._queued(start, want)
+            elif phase == "unroutable":
+                page, nxt = await self._unroutable(start, want)
             else:
                 page, nxt = await self._finished(status, executor, start, want, since, until, labels)
             rows += [r for r in page if _labels_match(r, labels)] if phase != "finished" else page
@@ -311,6 +328,16 @@ class AsyncClient:
             task_id = peek_id(raw)
             rows.append({"id": task_id, "status": "queued", "message": _message(raw)})
         return rows, (str(offset + want) if len(raws) == want else None)
+
+    async def _unroutable(self, start: str, want: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Tasks no live executor matches, oldest first, with when they were found so."""
+        offset = int(start) if start.isdigit() else 0
+        members = await self.broker.redis.zrange(self.keys.unroutable, offset, offset + want - 1,
+                                                 withscores=True)
+        rows = [{"id": peek_id(raw), "status": "unroutable", "since": since,
+                 "reason": "no live, non-draining executor matches its labels or executor",
+                 "message": _message(raw)} for raw, since in members]
+        return rows, (str(offset + want) if len(members) == want else None)
 
     async def _finished(self, status: str | None, executor: str | None, start: str, want: int,
                         since: float | None, until: float | None,

@@ -100,7 +100,7 @@ class Config:
     cmd_dir: str = "/tmp"
     # New keys.
     executor_id: str = ""  # "" -> <hostname>:<pid>
-    labels: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)  # a list of names x means {x: "true"}
     max_concurrency: int = 8
     kill_grace: float = 5.0
     drain_timeout: float = 30.0
@@ -150,6 +150,10 @@ class Config:
     server_tls_ca: str = ""
     api_tokens: tuple[ApiToken, ...] = ()
     metrics_public: bool = False
+    # Routing (docs/routing.md).
+    dispatch_queue: str = ""  # "" -> <queue_name>_dispatch
+    unroutable_after: float = 300.0
+    block_on: str = "auto"  # the list a claim waits on: auto, shared, inbox
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -157,6 +161,8 @@ class Config:
             object.__setattr__(self, "queue_control_name", f"{self.queue_name}_control")
         if not self.logs_channel:
             object.__setattr__(self, "logs_channel", f"{self.queue_name}_logs")
+        if not self.dispatch_queue:
+            object.__setattr__(self, "dispatch_queue", f"{self.queue_name}_dispatch")
         if not self.executor_id:
             object.__setattr__(self, "executor_id", f"{socket.gethostname()}:{os.getpid()}")
 
@@ -289,6 +295,15 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             return float(value)
         if name == "api_tokens":
             return parse_api_tokens(value, where)
+        if name == "labels":
+            if isinstance(value, str):
+                value = orjson.loads(value) if value.lstrip()[:1] in ("[", "{") else value.split(",")
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return {v.strip(): "true" for v in value if v.strip()}
+            if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                               for k, v in value.items()):
+                return dict(value)
+            raise ValueError("expected an object of strings, or a list of names")
         if kind is dict and name in ("limits_default", "limits_max"):
             if isinstance(value, str):
                 value = orjson.loads(value)
@@ -431,6 +446,9 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
     if bool(config.redis_tls_cert) != bool(config.redis_tls_key):
         raise ConfigError("redis_tls_key: redis_tls_cert and redis_tls_key go together")
     validate_server(config, check_paths)
+    if config.block_on not in ("auto", "shared", "inbox"):
+        raise ConfigError(f"block_on: one of auto, shared, inbox (got {config.block_on!r})")
+    _positive(config, "unroutable_after")
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")

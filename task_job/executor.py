@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from task_job import __version__
 from task_job.broker import Broker, Oversize
 from task_job.config import Config, cmd_dir_is_shared
@@ -33,6 +35,7 @@ from task_job.protocol import (
     RecordHead,
     Status,
     Task,
+    labels_match,
     parse_control,
     parse_task,
 )
@@ -372,8 +375,9 @@ class Executor:
 
     async def _claim_loop(self, tg: asyncio.TaskGroup) -> None:
         processing = self.keys.processing(self.id)
+        inbox, shared = self.keys.inbox(self.id), self.keys.queue
         attempt = 0
-        busy = False  # the last round claimed something: the queue may hold more
+        busy = False  # the last round claimed something: the queues may hold more
         while not self._stopping.is_set():
             free = self.config.max_concurrency - len(self.running)
             if free <= 0 or self.draining:
@@ -381,24 +385,33 @@ class Executor:
                 continue
             self.last_claim_poll = time.monotonic()
             try:
-                # While work is queued, fill every free slot in one round trip; when the
-                # queue looks empty, block for one message.
-                raws = await self.broker.claim_now(self.keys.queue, processing, free) \
-                    if busy and free > 1 else []
+                # While work is queued, fill every free slot in one round trip, from this
+                # executor's own queue first; when both look empty, look once at the list
+                # not waited on, then block on one (BLMOVE waits on one list only; see
+                # docs/routing.md for which).
+                raws: list[tuple[str, bytes | Oversize]] = \
+                    await self._claim_both(inbox, shared, processing, free) if busy and free > 1 else []
                 if not raws:
-                    raw = await self.broker.claim_wait(self.keys.queue, processing, CLAIM_BLOCK)
-                    raws = [raw] if raw is not None else []
+                    block = inbox if self._blocks_on_inbox() else shared
+                    other = shared if block == inbox else inbox
+                    got = await self.broker.claim_now(other, processing, 1)
+                    if got:
+                        raws = [(other, got[0])]
+                    else:
+                        raw = await self.broker.claim_wait(block, processing, CLAIM_BLOCK)
+                        raws = [(block, raw)] if raw is not None else []
                 busy = bool(raws)
                 if raws and (self._stopping.is_set() or self.draining):
                     # Claims in flight when the stop (or a drain) came: give them back, in
                     # their places.
-                    for raw in reversed(raws):
+                    for source, raw in reversed(raws):
                         if isinstance(raw, Oversize):
                             self._reject_oversize(raw)
                         else:
-                            await self.broker.call("unclaim", [processing, self.keys.queue], [raw])
-                elif raws:
-                    await self._claimed(raws, tg)
+                            await self.broker.call("unclaim", [processing, source], [raw])
+                    raws = []
+                if raws:
+                    await self._claimed([raw for _, raw in raws], tg)
                 if attempt:
                     async with self.broker.deadline(self.config.redis_timeout):
                         await self._reconcile()
@@ -415,6 +428,50 @@ class Executor:
                 attempt += 1
                 await backoff(attempt)
 
+    async def _is_for_me(self, raw: bytes, task: Task) -> bool:
+        """A task for another executor goes to its queue; one whose labels this executor
+        does not match goes to the dispatcher queue when a dispatcher serves the fleet, and
+        is rejected, naming its labels, when none does (docs/routing.md)."""
+        processing = self.keys.processing(self.id)
+        if task.executor and task.executor != self.id:
+            if await self.broker.redis.zscore(self.keys.executors, task.executor) is None:
+                self._reject(raw, f"executor {task.executor!r} is not registered", task.id)
+                return False
+            await self.broker.call("unclaim", [processing, self.keys.inbox(task.executor)], [raw])
+            log.info("task for another executor moved to its queue",
+                     extra={"task_id": task.id, "to": task.executor})
+            return False
+        if task.labels and not labels_match(task.labels, self.config.labels):
+            if self.fleet.dispatched:
+                await self.broker.call("unclaim", [processing, self.keys.dispatch], [raw])
+                return False
+            self._reject(raw, f"labels {orjson.dumps(task.labels).decode()} do not match this "
+                              "executor's and no dispatcher serves the fleet", task.id)
+            return False
+        return True
+
+    def _blocks_on_inbox(self) -> bool:
+        """block_on: "inbox" for an executor fed by a dispatcher (its tasks arrive on its own
+        queue), "shared" otherwise; "auto" decides by whether a dispatcher is registered
+        (refreshed with each heartbeat)."""
+        if self.config.block_on == "auto":
+            return self.fleet.dispatched
+        return self.config.block_on == "inbox"
+
+    async def _claim_both(self, inbox: str, shared: str, processing: str, free: int
+                          ) -> list[tuple[str, bytes | Oversize]]:
+        """Up to `free` messages, this executor's own queue first, in one round trip: both
+        lists are asked for `free` each, and what exceeds `free` goes back to the head of the
+        shared queue, in order (only when both hold work)."""
+        moved = await self.broker.claim_from([inbox, shared], processing, free)
+        mine = [(inbox, raw) for raw in moved[0]]
+        rest = [(shared, raw) for raw in moved[1]]
+        keep = free - len(mine)
+        extra = [raw for _, raw in rest[keep:] if not isinstance(raw, Oversize)]
+        for raw in reversed(extra):
+            await self.broker.call("unclaim", [processing, shared], [raw])
+        return mine + rest[:keep] + [(shared, raw) for _, raw in rest[keep:] if isinstance(raw, Oversize)]
+
     async def _claimed(self, raws: list[bytes | Oversize], tg: asyncio.TaskGroup) -> None:
         """Begin the claimed messages (one round trip for all) and start what may run."""
         self.claimed += len(raws)
@@ -428,6 +485,8 @@ class Executor:
                 task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
             except ProtocolError as exc:
                 self._reject(raw, exc.reason, exc.task_id)
+                continue
+            if (task.executor or task.labels) and not await self._is_for_me(raw, task):
                 continue
             claims.append((raw, task, f"{self._claim_prefix}{next(self._claims)}"))
         if not claims:
@@ -626,7 +685,7 @@ class Executor:
 
     async def _control_loop(self) -> None:
         redis = self.broker.redis
-        inbox = self.keys.inbox(self.id)
+        inbox = self.keys.control_inbox(self.id)
         attempt = 0
         while True:
             try:
@@ -676,7 +735,7 @@ class Executor:
                 if not self._kill_local(ctl.id, ctl.by):
                     log.info("kill for a task that just finished", extra={"task_id": ctl.id})
                 return
-            await self.broker.redis.rpush(self.keys.inbox(detail), raw)
+            await self.broker.redis.rpush(self.keys.control_inbox(detail), raw)
             log.info("kill routed", extra={"task_id": ctl.id, "to": detail})
         elif where == "marked":
             log.info("kill for a task not started: it will be cancelled", extra={"task_id": ctl.id})

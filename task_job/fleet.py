@@ -90,13 +90,14 @@ class Fleet:
         self.on_data_lost = on_data_lost or _nothing
         self.server_ms = 0
         self.takeovers = 0
+        self.dispatched = False  # a live dispatcher is registered (checked with each heartbeat)
 
     # -- registry --------------------------------------------------------------------------
 
     async def register(self) -> None:
         cfg = self.config
         info = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
-                "labels": orjson.dumps(list(cfg.labels)).decode(), "slots": cfg.max_concurrency,
+                "labels": orjson.dumps(cfg.labels).decode(), "slots": cfg.max_concurrency,
                 "running": 0, "started_at": f"{time.time():.3f}", "status": "up",
                 "dead_after": cfg.dead_after}  # readers judge it by its own, not theirs
         await self.broker.redis.hset(self.keys.executor(self.id), mapping=info)
@@ -126,6 +127,7 @@ class Fleet:
         event = {"instanceId": executor, "hostName": socket.gethostname(), "app": "task-job",
                  "ipAddr": _ip_address(), "status": status,
                  "metadata": {"executor_id": executor, "inbox": self.keys.inbox(executor),
+                              "control": self.keys.control_inbox(executor),
                               "queue": self.keys.queue, "version": __version__}}
         if executor != self.id:
             event["hostName"] = event["ipAddr"] = ""  # someone else's: host unknown here
@@ -137,6 +139,12 @@ class Fleet:
                           self.keys.taken_over(self.id)],
             [self.id, self.running_count(), mode])
         self.server_ms = int(now_ms)
+        live = await self.broker.redis.zcount(
+            self.keys.dispatchers, self.server_ms - self.config.dead_after * 1000, "+inf")
+        if bool(live) != self.dispatched:
+            log.info("a dispatcher serves the fleet: waiting on this executor's own queue" if live
+                     else "no dispatcher: waiting on the shared queue", extra={"executor": self.id})
+        self.dispatched = bool(live)
         if present == 2:
             log.error("this executor's registry entry is gone without a takeover mark: redis "
                       "lost its data; registering again, running tasks go on",
@@ -198,7 +206,8 @@ class Fleet:
             task_keys = [keys.task(peek_id(raw) or "-") for raw in raws]
             result = await self.broker.call(
                 "takeover", [keys.executors, keys.processing(dead), keys.processing(self.id),
-                             keys.executor(dead), keys.taken_over(dead), *task_keys],
+                             keys.executor(dead), keys.taken_over(dead), keys.inbox(dead),
+                             keys.dispatch if self.dispatched else keys.queue, *task_keys],
                 [dead, self.id, int(self.config.dead_after * 1000), MARK_TTL, *raws])
             if result == b"alive":
                 return 0

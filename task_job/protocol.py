@@ -67,6 +67,8 @@ class Task:
     limits: dict[str, float] = field(default_factory=dict)  # task.limits, checked (limits.py)
     user: str | None = None  # task.user: one of the executor's allowed_users
     submitted_by: str | None = None  # set by the API: the token's name (or the peer)
+    labels: dict[str, Any] = field(default_factory=dict)  # task.labels: placement selectors
+    executor: str | None = None  # task.executor: the one executor that may run it
     raw: bytes = b""
 
 
@@ -239,6 +241,8 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         except ValueError as exc:
             raise ProtocolError(str(exc), task_id) from exc
 
+    labels = parse_selectors(spec.get("labels"), task_id)
+    target = None if spec.get("executor") is None else _string(spec["executor"], "task.executor", task_id)
     by = obj.get("submitted_by")
     if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
         raise ProtocolError("'submitted_by' must be a printable string of at most 256 characters", task_id)
@@ -248,8 +252,43 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         type=_label(obj, "type", task_id), tube=_label(obj, "tube", task_id),
         cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
         max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user,
-        submitted_by=by, raw=data,
+        submitted_by=by, labels=labels, executor=target, raw=data,
     )
+
+
+def parse_selectors(value: Any, task_id: str | None = None) -> dict[str, Any]:
+    """task.labels: {"os": "linux"} (equal), {"gpu": "!=none"} (not equal, or absent),
+    {"zone": ["a", "b"]} (one of). Matched against executors' labels (docs/routing.md)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"'task.labels' must be an object, not {_kind(value)}", task_id)
+    out: dict[str, Any] = {}
+    for key, want in value.items():
+        if not key or len(key) > 128:
+            raise ProtocolError(f"'task.labels' has an invalid name {key!r}", task_id)
+        if isinstance(want, list) and want and all(isinstance(v, str) for v in want):
+            out[key] = list(want)
+        elif isinstance(want, str):
+            out[key] = want
+        else:
+            raise ProtocolError(f"'task.labels.{key}' must be a string or a list of strings", task_id)
+    return out
+
+
+def labels_match(selectors: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether an executor's labels satisfy a task's selectors (the same rules as place.lua)."""
+    for key, want in selectors.items():
+        have = labels.get(key)
+        if isinstance(want, list):
+            if have not in want:
+                return False
+        elif want.startswith("!="):
+            if have == want[2:]:
+                return False
+        elif have != want:
+            return False
+    return True
 
 
 def peek_id(raw: bytes | str) -> str | None:
@@ -277,12 +316,12 @@ def build_task(
     task_id: str, cmdline: str, cmd_args: list[str] | tuple[str, ...] = (), *,
     type: str | None = "start", tube: str | None = None, timeout: float | None = None,
     env: dict[str, str] | None = None, cwd: str | None = None, stdin: str | None = None,
-    on_lost: str | None = None,
+    on_lost: str | None = None, labels: dict[str, Any] | None = None, executor: str | None = None,
 ) -> bytes:
     """The JSON of a task message, as `task-job submit` pushes it."""
     spec: dict[str, Any] = {"cmdline": cmdline, "cmd_args": list(cmd_args)}
     for key, value in (("timeout", timeout), ("env", env), ("cwd", cwd), ("stdin", stdin),
-                       ("on_lost", on_lost)):
+                       ("on_lost", on_lost), ("labels", labels), ("executor", executor)):
         if value:
             spec[key] = value
     msg: dict[str, Any] = {"id": task_id}

@@ -4,7 +4,10 @@
 -- KEYS[3]  {Q}:processing:<me>          where they go
 -- KEYS[4]  {Q}:executor:<dead>          its registry hash (deleted)
 -- KEYS[5]  {Q}:taken_over:<dead>      the mark the dead executor's heartbeat will find
--- KEYS[6..] {Q}:task:<id> of each message of KEYS[2], in the order ARGV[5..] lists them
+-- KEYS[6]  {Q}:inbox:<dead>             the tasks waiting for it alone ...
+-- KEYS[7]  where they go back: the dispatcher queue when a dispatcher serves the fleet, else
+--          the shared queue (at the head, in order: they have waited already)
+-- KEYS[8..] {Q}:task:<id> of each message of KEYS[2], in the order ARGV[5..] lists them
 -- ARGV[1]  dead executor id    ARGV[2]  my executor id    ARGV[3]  dead_after, ms
 -- ARGV[4]  TTL of the mark, seconds
 -- ARGV[5..] the messages of KEYS[2] as the caller read them
@@ -22,12 +25,13 @@ for i, item in ipairs(items) do
   if item ~= ARGV[i + 4] then return 'changed' end
 end
 for i, item in ipairs(items) do
-  local st = redis.call('HMGET', KEYS[5 + i], 'status', 'executor')
+  local st = redis.call('HMGET', KEYS[7 + i], 'status', 'executor')
   if st[1] == 'running' and st[2] == ARGV[1] then
-    redis.call('HSET', KEYS[5 + i], 'executor', ARGV[2], 'taken_over_from', ARGV[1])
+    redis.call('HSET', KEYS[7 + i], 'executor', ARGV[2], 'taken_over_from', ARGV[1])
   end
   redis.call('RPUSH', KEYS[3], item)
 end
+while redis.call('LMOVE', KEYS[6], KEYS[7], 'RIGHT', 'LEFT') do end
 redis.call('DEL', KEYS[2], KEYS[4])
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[4])
