@@ -228,6 +228,7 @@ class Executor:
                 self.broker.shorten_deadlines(SHUTDOWN_DEADLINE)
                 if self.link.connected_for() > 0:  # known unreachable: not worth a wait
                     await self.fleet.mark("draining")
+                    await self._give_back_inbox()
                 await self._drain()
                 for task in background:
                     task.cancel()
@@ -275,6 +276,21 @@ class Executor:
                 return False
             except TimeoutError:
                 continue
+
+    async def _give_back_inbox(self) -> None:
+        """At shutdown, the tasks waiting on this executor's own queue go back to be placed
+        (the dispatcher queue when a dispatcher serves the fleet, else the shared queue)."""
+        try:
+            async with asyncio.timeout(SHUTDOWN_DEADLINE):
+                moved = await self.broker.call(
+                    "reroute", [self.keys.executors, self.keys.executor(self.id), self.keys.inbox(self.id),
+                                self.keys.dispatch if self.fleet.dispatched else self.keys.queue,
+                                self.keys.dispatch_stats],
+                    [self.id, int(self.config.dead_after * 1000)])
+            if moved:
+                log.info("tasks waiting on this executor's queue given back", extra={"tasks": moved})
+        except NETWORK_ERRORS as exc:
+            log.warning("could not give back this executor's queue", extra={"error": repr(exc)})
 
     async def _drain(self) -> None:
         if self.running:
