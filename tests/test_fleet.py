@@ -237,3 +237,5 @@ async def test_registry_events_announce_executors_up_and_down(
     assert up["app"] == "task-job" and up["hostName"] and up["ipAddr"]
     assert up["metadata"]["executor_id"] == config.executor_id
     assert up["metadata"]["inbox"] == Keys.for_config(config).inbox(config.executor_id)
+    assert up["metadata"]["control"] == Keys.for_config(config).control_inbox(config.executor_id)
+    assert up["metadata"]["inbox"].endswith(f":inbox:{config.executor_id}")  # its task queue
