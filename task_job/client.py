@@ -80,15 +80,23 @@ class AsyncClient:
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
-        await self._push_new(task_id, message, self.destination(task))
+        await self._push_new(task_id, message, await self.destination(task))
         return task_id
 
-    def destination(self, task: Task) -> str:
-        """Where a task goes: a targeted one to its executor's own queue, a labelled one to
-        the dispatcher queue; never onto the shared queue, where an executor that does not
-        know these fields (an older one, the original) would run it anywhere."""
+    async def destination(self, task: Task) -> str:
+        """Where a task goes: a targeted one to its executor's own queue (or, that executor
+        not registered, to the dispatcher queue, where it ends rejected after
+        unroutable_after unless it registers; with no dispatcher either, refused here), a
+        labelled one to the dispatcher queue; never onto the shared queue, where an executor
+        that does not know these fields (an older one, the original) would run it anywhere."""
         if task.executor:
-            return self.keys.inbox(task.executor)
+            redis = self.broker.redis
+            if await redis.zscore(self.keys.executors, task.executor) is not None:
+                return self.keys.inbox(task.executor)
+            if not await redis.zcard(self.keys.dispatchers):
+                raise ProtocolError(f"executor {task.executor!r} is not registered (and no "
+                                    "dispatcher runs to wait for it)", task.id)
+            return self.keys.dispatch
         if task.labels:
             return self.keys.dispatch
         return self.keys.queue
@@ -114,7 +122,7 @@ class AsyncClient:
             message = {**message, "submitted_by": by}
         raw = orjson.dumps(message)
         task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
-        await self._push_new(task.id, raw, self.destination(task))
+        await self._push_new(task.id, raw, await self.destination(task))
         return task
 
     async def _flush_pushes(self) -> None:
@@ -396,13 +404,30 @@ class AsyncClient:
         pipe.llen(self.keys.dead)
         for ident in executors:
             pipe.llen(self.keys.processing(ident))
+        pipe.llen(self.keys.dispatch)
+        pipe.zcard(self.keys.unroutable)
+        for ident in executors:
+            pipe.llen(self.keys.inbox(ident))
         depths = await pipe.execute()
         return {"queue": {"name": self.keys.queue, "depth": depths[0]},
                 "control": {"name": self.keys.control, "depth": depths[1]},
                 "scheduled": {"depth": depths[2]},
                 "dead": {"name": self.keys.dead, "depth": depths[3]},
-                "executors": [{"executor": ident, "processing": n}
-                              for ident, n in zip(executors, depths[4:], strict=True)]}
+                "dispatch": {"name": self.keys.dispatch, "depth": depths[4 + len(executors)],
+                             "unroutable": depths[5 + len(executors)]},
+                "executors": [{"executor": ident, "processing": n, "inbox": m} for ident, n, m in zip(
+                    executors, depths[4:4 + len(executors)], depths[6 + len(executors):], strict=True)]}
+
+    async def routing_stats(self) -> dict[str, float]:
+        """Fleet-wide dispatcher counts: routed, rerouted, unroutable, placed_count,
+        place_seconds, and the live dispatchers."""
+        redis = self.broker.redis
+        raw = await redis.hgetall(self.keys.dispatch_stats)
+        out = {k.decode(): float(v) for k, v in raw.items()}
+        sec, usec = await redis.time()
+        out["dispatchers"] = await redis.zcount(
+            self.keys.dispatchers, sec * 1000 + usec // 1000 - self.config.dead_after * 1000, "+inf")
+        return out
 
     async def dead_letters(self, limit: int = 100, cursor: str | None = None
                            ) -> tuple[list[dict[str, Any]], str | None]:

@@ -113,7 +113,11 @@ class Dispatcher:
                     raws = [raw] if raw is not None else []
                 busy = bool(raws)
                 if raws:
+                    took = time.perf_counter()
                     await self._place(raws)
+                    await self.broker.redis.hincrbyfloat(
+                        self.keys.dispatch_stats, "place_seconds", (time.perf_counter() - took) * len(raws))
+                    await self.broker.redis.hincrby(self.keys.dispatch_stats, "placed_count", len(raws))
                 attempt = 0
             except NETWORK_ERRORS as exc:
                 attempt += 1

@@ -764,6 +764,8 @@ class Executor:
         if tr is None:
             return False
         log.info("killing task", extra={"task_id": task_id, "by": by})
+        if by and tr.kill_reason is None:
+            self.sink.note(tr.stream, "killed_by", by)  # ahead of the done record, same batch order
         tr.kill(f"on request of {by}" if by else "on request")
         return True
 

@@ -149,6 +149,12 @@ class RedisSink:
             self._ops.append(_Records(stream, seq, [payload], size))
         self._add(size)
 
+    def note(self, stream: TaskStream, field: str, value: str) -> None:
+        """Queue one more field of the task's state (e.g. who asked for its kill)."""
+        op = _Command(["HSET", stream.state_key, field, value], OP_OVERHEAD)
+        self._ops.append(op)
+        self._add(OP_OVERHEAD)
+
     def note_started(self, stream: TaskStream, pid: int, started_at: float) -> None:
         """Queue the state record's pid and start time. A task that ends before this is sent
         (most short ones) has them written by its done record's script instead: one command

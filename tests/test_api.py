@@ -220,7 +220,7 @@ async def test_kill_drain_resume_and_listings(api: Any, sync_redis: redis.Redis)
         return state.get("status") == "killed"
     await wait_until(finished, what="the kill")
     _, state = await client.call("GET", f"/api/v1/tasks/{msg['id']}", "reader")
-    assert "token:killer" in state["done"]["data"]
+    assert "token:killer" in state["done"]["data"] and state["killed_by"] == "token:killer"
     status, body = await client.call("POST", f"/api/v1/tasks/{msg['id']}/kill", "killer")
     assert status == 409
     status, body = await client.call("GET", "/api/v1/tasks?status=killed", "reader")

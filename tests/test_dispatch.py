@@ -189,3 +189,37 @@ async def test_producers_and_task_executor_reach_one_executor_without_a_dispatch
     assert done.fields["status"] == "rejected" and "'never-registered' is not registered" in done.data
     # a labelled task waits for a dispatcher on its queue: none runs here
     assert fleet.r.llen(fleet.config.dispatch_queue) == 1 and mismatch
+
+
+async def test_routing_shows_in_metrics_queues_and_refuses_unknown_targets(fleet: Fleet) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from task_job.api.app import Service, create_app
+    from task_job.api.auth import Tokens
+    from task_job.client import AsyncClient
+    from task_job.confine import Policy
+    from task_job.errors import ProtocolError
+
+    async with AsyncClient(fleet.config) as client:
+        with pytest.raises(ProtocolError, match="'ghost' is not registered"):
+            await client.submit("where.sh", ["0"], executor="ghost")  # no dispatcher either
+        fleet.executor("m1", {"os": "linux"})
+        await fleet.registered("m1")
+        fleet.dispatcher("d1")
+        await fleet.dispatching()
+        ids = [await client.submit("where.sh", ["0"], labels={"os": "linux"}) for _ in range(5)]
+        waiting = await client.submit("where.sh", ["0"], executor="ghost")  # the dispatcher waits for it
+        for task_id in ids:
+            await wait_done(fleet.r, fleet.config, task_id, timeout=30)
+        await wait_until(lambda: fleet.r.zcard(fleet.keys.unroutable) == 1, 10, what="ghost's task waiting")
+        queues = await client.queues()
+        assert queues["dispatch"]["unroutable"] == 1 and queues["executors"][0]["inbox"] == 0
+        service = Service(client, fleet.config, Tokens(()), Policy(cmd_dir=fleet.config.cmd_dir))
+        from task_job.api.metrics import render
+
+        create_app(service)
+        text, _ = await render(service)
+    samples = {s.name: s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples}
+    assert samples["task_job_tasks_routed_total"] >= 5 and samples["task_job_dispatchers"] == 1
+    assert samples["task_job_tasks_unroutable_total"] >= 1 and samples["task_job_placement_seconds_count"] >= 5
+    assert waiting

@@ -15,21 +15,25 @@ async def render(service: Service) -> tuple[bytes, str]:
     from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
     executors = await service.client.executors()
+    routing = await service.client.routing_stats()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(service, executors))
+    registry.register(_Collector(service, executors, routing))
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
 class _Collector:
-    def __init__(self, service: Service, executors: list[dict[str, Any]]) -> None:
+    def __init__(self, service: Service, executors: list[dict[str, Any]],
+                 routing: dict[str, float]) -> None:
         self.service = service
         self.executors = executors
+        self.routing = routing
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
+            SummaryMetricFamily,
         )
 
         up = GaugeMetricFamily("task_job_executors", "Registered executors by status",
@@ -43,6 +47,14 @@ class _Collector:
         for key, n in by_status.items():
             up.add_metric([key], n)
         yield up
+        r = self.routing
+        yield GaugeMetricFamily("task_job_dispatchers", "Live dispatchers", value=r.get("dispatchers", 0))
+        for name in ("routed", "rerouted", "unroutable"):
+            yield CounterMetricFamily(f"task_job_tasks_{name}", f"Tasks {name} by dispatchers "
+                                      "(fleet-wide)", value=r.get(name, 0))
+        yield SummaryMetricFamily("task_job_placement_seconds", "From a dispatcher taking a task "
+                                  "to its placement", count_value=int(r.get("placed_count", 0)),
+                                  sum_value=r.get("place_seconds", 0.0))
         ex = self.service.executor
         if ex is None:
             return
