@@ -112,17 +112,24 @@ def run(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         click.echo(f"task-job: embedded redis at {server.url}", err=True)
     _bound_heap()
     try:
-        code = asyncio.run(_run(config, demo))
+        code = _serve(_run(config, demo), config)
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(code)
+
+
+def _serve(main: Any, config: Config) -> Any:
+    """Run a long-lived process's main coroutine; an operator's mistake or an unreachable
+    Redis is one line and a non-zero exit."""
+    try:
+        return asyncio.run(main)
     except BrokerError as exc:
         fail(str(exc), code=1)
     except TaskJobError as exc:
         fail(str(exc))
     except (RedisError, ConnectionError, OSError) as exc:
         fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout, config.redis_addr)}", code=1)
-    finally:
-        if server is not None:
-            server.stop()
-    sys.exit(code)
 
 
 DEMO_SCRIPT = """#!/bin/sh
@@ -446,14 +453,7 @@ def dispatch(config_path: str | None, redis_addr: str | None, queue_name: str | 
             loop.add_signal_handler(sig, dispatcher.stop)
         await dispatcher.run()
 
-    try:
-        asyncio.run(serve())
-    except BrokerError as exc:
-        fail(str(exc), code=1)
-    except TaskJobError as exc:
-        fail(str(exc))
-    except (RedisError, ConnectionError, OSError) as exc:
-        fail(f"redis at {config.redacted_redis_addr}: {describe(exc, config.redis_timeout, config.redis_addr)}", code=1)
+    _serve(serve(), config)
 
 
 @cli.command()

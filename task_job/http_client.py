@@ -88,10 +88,12 @@ class AsyncHttpClient:
         self, cmdline: str, cmd_args: Sequence[str] = (), *, task_id: str | None = None,
         timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
         stdin: str | None = None, type: str | None = "start", tube: str | None = None,
-        on_lost: str | None = None,
+        on_lost: str | None = None, labels: dict[str, Any] | None = None,
+        executor: str | None = None,
     ) -> str:
         message = build_task(task_id or uuid.uuid4().hex, cmdline, tuple(cmd_args), type=type,
-                             tube=tube, timeout=timeout, env=env, cwd=cwd, stdin=stdin, on_lost=on_lost)
+                             tube=tube, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
+                             on_lost=on_lost, labels=labels, executor=executor)
         _, reply = await self._call("POST", "/api/v1/tasks", orjson.loads(message))
         return str(reply["id"])
 
