@@ -263,13 +263,15 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
                                  just_pushed=True)
 
     waiting: list[str] = []
-    code = _run_client(go, config)
-    if code == 130 and waiting:  # Ctrl-C: the task goes on without us
-        where = f" --config {config_path}" if config_path else \
-            (f" --redis {redis_addr}" if redis_addr else "")
-        click.echo(f"task-job: stopped waiting; task {waiting[0]} may still be running. To stop "
-                   f"it: task-job kill{where} {waiting[0]}", err=True)
-    sys.exit(code)
+
+    def advise() -> None:  # Ctrl-C: the task goes on without us
+        if waiting:
+            where = f" --config {config_path}" if config_path else \
+                (f" --redis {redis_addr}" if redis_addr else "")
+            click.echo(f"task-job: stopped waiting; task {waiting[0]} may still be running. To "
+                       f"stop it: task-job kill{where} {waiting[0]}", err=True)
+
+    sys.exit(_run_client(go, config, on_interrupt=advise))
 
 
 def _exit_code_of(fields: dict[str, Any]) -> int:
@@ -328,9 +330,23 @@ async def _follow(client: Any, task_id: str, *, as_json: bool, timeout: float | 
         return 124
 
 
-def _run_client(go: Any, config: Config) -> int:
+def _run_client(go: Any, config: Config, on_interrupt: Any = None) -> int:
+    """Run a client command. Ctrl-C ends it at once (exit 130), after `on_interrupt` has said
+    what it must: a client holds nothing worth a graceful close, and a cancellation that
+    lands inside the Redis client can be held up there."""
+    async def main() -> Any:
+        def interrupted() -> None:
+            if on_interrupt is not None:
+                on_interrupt()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, interrupted)
+        return await go()
+
     try:
-        return int(asyncio.run(go()))
+        return int(asyncio.run(main()))
     except KeyboardInterrupt:
         return 130
     except TaskJobError as exc:
