@@ -1,6 +1,6 @@
 """The only module that speaks to Redis: key names, connections and the Lua scripts.
 
-Knows the layout of DESIGN.md §2; knows nothing of processes or of where records go next.
+Knows the Redis layout of docs/protocol.md; knows nothing of processes or of where records go next.
 """
 
 from __future__ import annotations
