@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import ssl
 import time
@@ -73,9 +74,14 @@ def digest_ref(digest: str, size: int) -> bytes:
     return b"sha1:%s:%d" % (digest.encode(), size)
 
 
+log = logging.getLogger(__name__)
+
+MOVE_BATCH = 10_000  # parked tasks moved per call when many are due at once
+MOVE_INTERVAL = 0.25  # seconds between looks for due tasks (a due task is queued within this)
+
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
                 "heartbeat", "takeover", "adopt", "requeue_dead", "submit", "place",
-                "dispatcher_beat", "reroute")
+                "dispatcher_beat", "reroute", "move_due", "park")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +112,13 @@ class Keys:
 
     @property
     def scheduled(self) -> str:
+        """Parked tasks by due time (member: queue \\0 id \\0 message)."""
         return f"{self.tag}:scheduled"
+
+    @property
+    def scheduled_ids(self) -> str:
+        """Parked task id -> its member in `scheduled` (how a kill finds it)."""
+        return f"{self.tag}:scheduled_ids"
 
     def processing(self, executor: str) -> str:
         return f"{self.tag}:processing:{executor}"
@@ -571,6 +583,25 @@ class Broker:
         if version < (6, 2):
             raise BrokerError(f"redis at {where} is {'.'.join(map(str, version))}; "
                               "task-job needs 6.2 or newer (BLMOVE)")
+
+    async def move_due_forever(self) -> None:
+        """Move parked tasks that are due onto their queues (any number of movers, in
+        executors and dispatchers: each task moves once); looks again within MOVE_INTERVAL,
+        sooner when a task is due sooner, at once while many are due."""
+        keys = [self.keys.scheduled, self.keys.scheduled_ids]
+        while True:
+            try:
+                async with self.deadline():
+                    moved, wait = await self.call("move_due", keys, [MOVE_BATCH])
+                if int(moved) >= MOVE_BATCH:
+                    continue
+                wait = float(wait)
+                await asyncio.sleep(MOVE_INTERVAL if wait < 0 else min(max(wait, 0.001), MOVE_INTERVAL))
+            except (RedisConnectionError, RedisTimeoutError, OSError, BrokerError):
+                await asyncio.sleep(1.0)  # the claim loop reports outages
+            except Exception:  # e.g. OOM: a background loop logs and goes on
+                log.exception("moving due tasks failed")
+                await asyncio.sleep(1.0)
 
     async def close(self) -> None:
         await self.claim_lane.close()

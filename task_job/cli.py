@@ -229,6 +229,8 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 @click.option("--cwd", metavar="DIR", help="Working directory inside cmd_dir.")
 @click.option("--stdin", "stdin_text", metavar="TEXT", help="Text fed to the task's stdin.")
 @click.option("--executor", metavar="ID", help="Run it on this executor only (its own queue).")
+@click.option("--at", "at_text", metavar="TIME", help="Not before TIME (RFC 3339 with a zone, or unix seconds).")
+@click.option("--in", "in_seconds", type=float, metavar="S", help="Not before S seconds from now (Redis' clock).")
 @click.option("--label", "label_pairs", multiple=True, metavar="K=V",
               help="Placement selector (the dispatcher matches executors' labels); K=!=V: not V.")
 @click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
@@ -238,6 +240,7 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 def submit(config_path: str | None, redis_addr: str | None, queue_name: str | None,
            task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
            cwd: str | None, stdin_text: str | None, executor: str | None,
+           at_text: str | None, in_seconds: float | None,
            label_pairs: tuple[str, ...], wait: bool, wait_timeout: float | None,
            command: tuple[str, ...]) -> None:
     """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
@@ -246,6 +249,16 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
     config = _client_config(config_path, redis_addr, queue_name)
     env = _parse_env(env_pairs)
     cmdline = shlex.quote(command[0])  # the command word is kept as given, args verbatim
+    at = None
+    if at_text is not None:
+        from task_job.protocol import parse_time
+
+        try:
+            at = parse_time(float(at_text) if re.fullmatch(r"[0-9.]+", at_text) else at_text)
+        except ProtocolError as exc:
+            fail(f"--at: {exc.reason.replace(chr(39) + 'task.enqueue_at' + chr(39), 'the time')}")
+    if at is not None and in_seconds is not None:
+        fail("--at and --in exclude each other")
 
     async def go() -> int:
         from task_job.client import AsyncClient
@@ -253,7 +266,7 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
         async with AsyncClient(config) as client:
             ident = await client.submit(cmdline, list(command[1:]), task_id=task_id,
                                         timeout=timeout, env=env or None, cwd=cwd,
-                                        stdin=stdin_text, executor=executor,
+                                        stdin=stdin_text, executor=executor, at=at, delay=in_seconds,
                                         labels=_parse_env(label_pairs, "--label") or None)
             click.echo(ident)
             if not wait:

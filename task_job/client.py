@@ -52,7 +52,7 @@ class AsyncClient:
         # duplicate id, which executors dead-letter and never run twice.
         self.broker = Broker(config, retries=3, socket_timeout=config.redis_timeout + BLOCK_MAX)
         self.keys = self.broker.keys
-        self._pushes: list[tuple[str, bytes, str, asyncio.Future[Any]]] = []
+        self._pushes: list[tuple[str, bytes, str, float | None, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -69,19 +69,27 @@ class AsyncClient:
         timeout: float | None = None, env: dict[str, str] | None = None, cwd: str | None = None,
         stdin: str | None = None, type: str | None = "start", tube: str | None = None,
         on_lost: str | None = None, labels: dict[str, Any] | None = None,
-        executor: str | None = None,
+        executor: str | None = None, at: float | None = None, delay: float | None = None,
     ) -> str:
         """Push a task; returns its id. With `labels` it goes to the dispatcher queue, with
-        `executor` to that executor's own queue, else onto the shared queue."""
+        `executor` to that executor's own queue, else onto the shared queue; with `at` (unix
+        seconds) or `delay` (seconds, by Redis' clock) it is parked until then."""
         task_id = task_id or uuid.uuid4().hex
+        if delay is not None:
+            at = await self.server_time() + delay
         message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
                              env=env, cwd=cwd, stdin=stdin, on_lost=on_lost, labels=labels,
-                             executor=executor)
+                             executor=executor, enqueue_at=at)
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
-        await self._push_new(task_id, message, await self.destination(task))
+        await self._push_new(task_id, message, await self.destination(task), at)
         return task_id
+
+    async def server_time(self) -> float:
+        """Redis' clock: the one the fleet's due times are judged by."""
+        sec, usec = await self.broker.redis.time()
+        return float(sec) + float(usec) / 1e6
 
     async def destination(self, task: Task) -> str:
         """Where a task goes: a targeted one to its executor's own queue (or, that executor
@@ -101,12 +109,12 @@ class AsyncClient:
             return self.keys.dispatch
         return self.keys.queue
 
-    async def _push_new(self, task_id: str, message: bytes, queue: str) -> None:
+    async def _push_new(self, task_id: str, message: bytes, queue: str, due: float | None = None) -> None:
         """Push unless the id is known (submit.lua: the check and the push in one script).
         Pushes made while one batch is on its way go together in the next (one round trip
         for many concurrent API submissions), each script applied on its own."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pushes.append((task_id, message, queue, future))
+        self._pushes.append((task_id, message, queue, due, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_pushes())
         known = await future
@@ -122,7 +130,13 @@ class AsyncClient:
             message = {**message, "submitted_by": by}
         raw = orjson.dumps(message)
         task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
-        await self._push_new(task.id, raw, await self.destination(task))
+        due = task.enqueue_at
+        if task.delay is not None:  # fixed now, by Redis' clock, so it is parked only once
+            due = await self.server_time() + task.delay
+            spec = {k: v for k, v in message["task"].items() if k != "delay"}
+            raw = orjson.dumps({**message, "task": {**spec, "enqueue_at": due}})
+            task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
+        await self._push_new(task.id, raw, await self.destination(task), due)
         return task
 
     async def _flush_pushes(self) -> None:
@@ -133,11 +147,12 @@ class AsyncClient:
             batch, self._pushes = self._pushes, []
             try:
                 results = await self.broker.send(self.broker.claim_lane, [
-                    ("EVALSHA", sha, 2, self.keys.task(task_id), queue, message)
-                    for task_id, message, queue, _ in batch])
+                    ("EVALSHA", sha, 4, self.keys.task(task_id), queue, self.keys.scheduled,
+                     self.keys.scheduled_ids, message, "" if due is None else repr(due), task_id)
+                    for task_id, message, queue, due, _ in batch])
             except Exception as exc:  # each waiting submit raises it
                 results = [exc] * len(batch)
-            for (_, _, _, future), result in zip(batch, results, strict=True):
+            for (_, _, _, _, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):
@@ -167,6 +182,8 @@ class AsyncClient:
         ('running', 'running'), ('finished', status)."""
         status = (await self.state(task_id)).get("status", "")
         if not status:
+            if await self.broker.redis.hexists(self.keys.scheduled_ids, task_id):
+                return "pending", "scheduled"
             return "unknown", ""
         if status in ("cancel_requested", "requeued"):
             return "pending", status

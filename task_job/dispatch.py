@@ -66,7 +66,8 @@ class Dispatcher:
             async with asyncio.TaskGroup() as tg:
                 sink = tg.create_task(self.sink.run())
                 background = [tg.create_task(self._beat_loop()),
-                              tg.create_task(self._maintenance_loop())]
+                              tg.create_task(self._maintenance_loop()),
+                              tg.create_task(self.broker.move_due_forever())]
                 await self._place_loop()
                 for task in background:
                     task.cancel()

@@ -217,6 +217,7 @@ class Executor:
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop()),
+                              tg.create_task(self.broker.move_due_forever()),
                               tg.create_task(self.reaper.loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
@@ -444,6 +445,28 @@ class Executor:
                 attempt += 1
                 await backoff(attempt)
 
+    async def _park(self, raw: bytes, task: Task) -> bool:
+        """A task not due yet (a raw push carrying task.enqueue_at or task.delay) waits in
+        {Q}:scheduled; a delay is fixed into enqueue_at, by Redis' clock, so it waits once."""
+        now = time.time() + self.fleet.clock_offset
+        if task.delay is not None:
+            due = now + task.delay
+            obj = orjson.loads(raw)
+            spec = {k: v for k, v in obj["task"].items() if k != "delay"}
+            message = orjson.dumps({**obj, "task": {**spec, "enqueue_at": due}})
+        else:
+            assert task.enqueue_at is not None
+            due, message = task.enqueue_at, raw
+            if due <= now:
+                return False
+        queue = self.keys.inbox(task.executor) if task.executor else \
+            self.keys.dispatch if task.labels and self.fleet.dispatched else self.keys.queue
+        member = queue.encode() + b"\0" + task.id.encode() + b"\0" + message
+        await self.broker.call("park", [self.keys.processing(self.id), self.keys.scheduled,
+                                        self.keys.scheduled_ids], [raw, member, repr(due), task.id])
+        log.info("task parked until its time", extra={"task_id": task.id, "due": due})
+        return True
+
     async def _is_for_me(self, raw: bytes, task: Task) -> bool:
         """A task for another executor goes to its queue; one whose labels this executor
         does not match goes to the dispatcher queue when a dispatcher serves the fleet, and
@@ -501,6 +524,8 @@ class Executor:
                 task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
             except ProtocolError as exc:
                 self._reject(raw, exc.reason, exc.task_id)
+                continue
+            if (task.enqueue_at is not None or task.delay is not None) and await self._park(raw, task):
                 continue
             if (task.executor or task.labels) and not await self._is_for_me(raw, task):
                 continue
@@ -743,8 +768,16 @@ class Executor:
             log.info("kill for a task not running here: ignored", extra={"task_id": ctl.id})
             return
         where, detail = await self.broker.call(
-            "kill", [self.keys.task(ctl.id)], [f"{time.time():.6f}", self.config.cancel_ttl])
+            "kill", [self.keys.task(ctl.id), self.keys.scheduled, self.keys.scheduled_ids],
+            [f"{time.time():.6f}", self.config.cancel_ttl, ctl.id])
         where = where.decode() if isinstance(where, bytes) else where
+        if where == "parked":  # it was waiting for its time: it ends here, never having run
+            stream = self.sink.open_stream(RecordHead(ctl.id, None, None, self.id))
+            by = f" (on request of {ctl.by})" if ctl.by else ""
+            self._track(self.sink.finish(stream, Outcome(Status.CANCELLED, f"cancelled before its time{by}"),
+                                         raw=detail, mode="new"))
+            log.info("scheduled task cancelled", extra={"task_id": ctl.id, "by": ctl.by})
+            return
         detail = detail.decode() if isinstance(detail, bytes) else detail
         if where == "running":
             if detail == self.id:

@@ -91,6 +91,7 @@ class Fleet:
         self.server_ms = 0
         self.takeovers = 0
         self.dispatched = False  # a live dispatcher is registered (checked with each heartbeat)
+        self.clock_offset = 0.0  # Redis' clock minus ours, seconds (due times are Redis')
 
     # -- registry --------------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class Fleet:
                           self.keys.taken_over(self.id)],
             [self.id, self.running_count(), mode])
         self.server_ms = int(now_ms)
+        self.clock_offset = self.server_ms / 1000 - time.time()
         live = await self.broker.redis.zcount(
             self.keys.dispatchers, self.server_ms - self.config.dead_after * 1000, "+inf")
         if bool(live) != self.dispatched:

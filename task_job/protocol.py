@@ -68,6 +68,8 @@ class Task:
     user: str | None = None  # task.user: one of the executor's allowed_users
     submitted_by: str | None = None  # set by the API: the token's name (or the peer)
     labels: dict[str, Any] = field(default_factory=dict)  # task.labels: placement selectors
+    enqueue_at: float | None = None  # task.enqueue_at (unix seconds): parked until then
+    delay: float | None = None  # task.delay (seconds): parked this long from its claim
     executor: str | None = None  # task.executor: the one executor that may run it
     raw: bytes = b""
 
@@ -242,6 +244,14 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
             raise ProtocolError(str(exc), task_id) from exc
 
     labels = parse_selectors(spec.get("labels"), task_id)
+    enqueue_at = None if spec.get("enqueue_at") is None else parse_time(spec["enqueue_at"], task_id)
+    delay = None
+    if spec.get("delay") is not None:
+        delay = _number(spec["delay"], "task.delay", task_id)
+        if delay < 0:
+            raise ProtocolError("'task.delay' must be 0 or more seconds", task_id)
+        if enqueue_at is not None:
+            raise ProtocolError("'task.delay' and 'task.enqueue_at' exclude each other", task_id)
     target = None if spec.get("executor") is None else _string(spec["executor"], "task.executor", task_id)
     by = obj.get("submitted_by")
     if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
@@ -252,8 +262,31 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         type=_label(obj, "type", task_id), tube=_label(obj, "tube", task_id),
         cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
         max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user,
-        submitted_by=by, labels=labels, executor=target, raw=data,
+        submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
+        raw=data,
     )
+
+
+def parse_time(value: Any, task_id: str | None = None) -> float:
+    """task.enqueue_at: unix seconds, or RFC 3339 with a zone ("2026-11-25T10:00:00Z",
+    "...+08:00"); a time without a zone is refused (whose clock would it be?)."""
+    from datetime import datetime
+
+    if isinstance(value, bool):
+        raise ProtocolError("'task.enqueue_at' must be RFC 3339 or unix seconds", task_id)
+    if isinstance(value, (int, float)):
+        if value != value or value < 0:
+            raise ProtocolError("'task.enqueue_at' must be a time", task_id)
+        return float(value)
+    if not isinstance(value, str):
+        raise ProtocolError("'task.enqueue_at' must be RFC 3339 or unix seconds", task_id)
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise ProtocolError(f"'task.enqueue_at' is not RFC 3339: {value[:64]!r}", task_id) from exc
+    if when.tzinfo is None:
+        raise ProtocolError("'task.enqueue_at' needs a zone (Z or +hh:mm)", task_id)
+    return when.timestamp()
 
 
 def parse_selectors(value: Any, task_id: str | None = None) -> dict[str, Any]:
@@ -317,11 +350,13 @@ def build_task(
     type: str | None = "start", tube: str | None = None, timeout: float | None = None,
     env: dict[str, str] | None = None, cwd: str | None = None, stdin: str | None = None,
     on_lost: str | None = None, labels: dict[str, Any] | None = None, executor: str | None = None,
+    enqueue_at: float | None = None,
 ) -> bytes:
     """The JSON of a task message, as `task-job submit` pushes it."""
     spec: dict[str, Any] = {"cmdline": cmdline, "cmd_args": list(cmd_args)}
     for key, value in (("timeout", timeout), ("env", env), ("cwd", cwd), ("stdin", stdin),
-                       ("on_lost", on_lost), ("labels", labels), ("executor", executor)):
+                       ("on_lost", on_lost), ("labels", labels), ("executor", executor),
+                       ("enqueue_at", enqueue_at)):
         if value:
             spec[key] = value
     msg: dict[str, Any] = {"id": task_id}

@@ -1,11 +1,21 @@
 -- kill: find where a task to be killed is, or mark it so that it never starts.
--- KEYS[1]  {Q}:task:<id>
--- ARGV[1]  now, unix seconds      ARGV[2]  TTL of a cancel mark, seconds
+-- KEYS[1]  {Q}:task:<id>           KEYS[2]  {Q}:scheduled   KEYS[3]  {Q}:scheduled_ids
+-- ARGV[1]  now, unix seconds      ARGV[2]  TTL of a cancel mark, seconds   ARGV[3]  task id
 -- Returns {where, detail}:
 --   'running', executor   the task runs there: route the kill to that executor
 --   'marked', ''          not started (queued, requeued, or not pushed yet): it will be
 --                         cancelled when claimed; the mark expires after ARGV[2]
 --   'finished', status    nothing to do
+--   'parked', message     it was waiting for its time: removed (the caller writes its done record)
+if KEYS[2] then
+  local member = redis.call('HGET', KEYS[3], ARGV[3])
+  if member and redis.call('ZREM', KEYS[2], member) == 1 then
+    redis.call('HDEL', KEYS[3], ARGV[3])
+    local a = string.find(member, '\0', 1, true)
+    local b = string.find(member, '\0', a + 1, true)
+    return {'parked', string.sub(member, b + 1)}
+  end
+end
 local st = redis.call('HMGET', KEYS[1], 'status', 'executor')
 if not st[1] or st[1] == 'requeued' then
   redis.call('HSET', KEYS[1], 'status', 'cancel_requested', 'kill_requested_at', ARGV[1])

@@ -1,0 +1,20 @@
+-- move_due: put parked tasks whose time has come on their queues (each moved once, however
+-- many movers run: the move and the removal are one step). Due is judged by Redis' clock.
+-- KEYS[1]  {Q}:scheduled (score: due, unix seconds; member: queue \0 id \0 message)
+-- KEYS[2]  {Q}:scheduled_ids (id -> member: how a kill finds a parked task)
+-- ARGV[1]  most tasks to move in this call
+-- Returns {moved, seconds until the next due task (-1: none)}.
+-- The queues named in the members are the fleet's own lists (Q, Q_dispatch, {Q}:inbox:*).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local a = string.find(member, '\0', 1, true)
+  local b = string.find(member, '\0', a + 1, true)
+  redis.call('RPUSH', string.sub(member, 1, a - 1), string.sub(member, b + 1))
+  redis.call('HDEL', KEYS[2], string.sub(member, a + 1, b - 1))
+  redis.call('ZREM', KEYS[1], member)
+end
+local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if next_due[2] then return {#due, tostring(tonumber(next_due[2]) - now)} end
+return {#due, '-1'}

@@ -1,0 +1,95 @@
+"""Delayed tasks against real Redis with executors as subprocesses: parked until due, moved
+once however many executors race, started within a second of their time, cancelled by a
+kill while parked."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from task_job.broker import Keys
+from task_job.client import AsyncClient
+from task_job.config import Config
+from task_job.errors import ProtocolError
+from task_job.protocol import parse_task
+
+from .conftest import done_of, wait_done, wait_until, write_config
+
+FAST = dict(heartbeat_interval=0.3, dead_after=1.5)
+
+
+@pytest.fixture
+def three(make_config: Callable[..., Config], spawn_executor: Any, tmp_path: Path,
+          sync_redis: redis.Redis, cmd_dir: Path) -> Config:
+    (cmd_dir / "now.sh").write_text("#!/bin/sh\necho ran\n")
+    (cmd_dir / "now.sh").chmod(0o755)
+    config = make_config(**FAST)
+    for i in range(3):
+        cfg = make_config(executor_id=f"m{i}", state_dir=str(tmp_path / f"m{i}"), **FAST)
+        spawn_executor("run", "--config", str(write_config(tmp_path / f"m{i}.json", cfg)))
+    return config
+
+
+async def _registered(r: redis.Redis, config: Config) -> None:
+    keys = Keys.for_config(config)
+    await wait_until(lambda: r.zcard(keys.executors) == 3, 20, what="three executors")
+
+
+async def test_delayed_tasks_start_on_time_and_once_with_three_executors_racing(
+        three: Config, sync_redis: redis.Redis) -> None:
+    await _registered(sync_redis, three)
+    async with AsyncClient(three) as client:
+        at = await client.server_time() + 2.0
+        ids = [await client.submit("now.sh", at=at) for _ in range(30)]
+        delayed = await client.submit("now.sh", delay=1.0)
+        assert (await client.whereabouts(ids[0])) == ("pending", "scheduled")
+        # a raw push carrying its time, straight onto the shared queue: the claiming
+        # executor parks it; one with a delay is parked once, its delay fixed at the claim
+        raw_at = {"id": uuid.uuid4().hex, "task": {"cmdline": "now.sh", "enqueue_at": at}}
+        raw_delay = {"id": uuid.uuid4().hex, "task": {"cmdline": "now.sh", "delay": 1.5}}
+        pushed = await client.server_time()
+        sync_redis.rpush(three.queue_name, orjson.dumps(raw_at), orjson.dumps(raw_delay))
+    assert sync_redis.llen(three.queue_name) <= 2  # the client parked its own: none queued
+    for task_id in [*ids, raw_at["id"]]:
+        done = await wait_done(sync_redis, three, task_id, timeout=20)
+        assert done.fields["status"] == "succeeded"
+        assert at <= done.fields["started_at"] <= at + 1.0 + 0.5, (done.fields["started_at"] - at)
+    for task_id in [*ids, raw_at["id"], delayed, raw_delay["id"]]:
+        assert len(done_of(sync_redis, three, task_id)) == 1
+    done = await wait_done(sync_redis, three, raw_delay["id"], timeout=20)
+    assert pushed + 1.5 <= done.fields["started_at"] <= pushed + 1.5 + 1.5
+    assert sync_redis.llen(f"{three.queue_name}_dead") == 0  # nothing moved twice
+    keys = Keys.for_config(three)
+    assert sync_redis.zcard(keys.scheduled) == 0 and sync_redis.hlen(keys.scheduled_ids) == 0
+
+
+async def test_a_kill_cancels_a_parked_task(three: Config, sync_redis: redis.Redis) -> None:
+    await _registered(sync_redis, three)
+    async with AsyncClient(three) as client:
+        task_id = await client.submit("now.sh", delay=30)
+        await client.kill(task_id, by="test")
+        done = await wait_done(sync_redis, three, task_id, timeout=10)
+        assert done.fields["status"] == "cancelled" and "before its time" in done.data
+        assert await client.whereabouts(task_id) == ("finished", "cancelled")
+        with pytest.raises(ProtocolError, match="already known"):
+            await client.submit("now.sh", task_id=task_id)
+
+
+def test_enqueue_at_takes_rfc3339_with_a_zone_or_unix_seconds() -> None:
+    def at(value: Any) -> float | None:
+        return parse_task(orjson.dumps({"id": "1", "task": {"cmdline": "x", "enqueue_at": value}})).enqueue_at
+
+    assert at("2026-11-25T10:00:00Z") == at("2026-11-25T18:00:00+08:00") == 1795600800.0
+    assert at(1795600800) == 1795600800.0
+    for bad, why in (("2026-11-25T10:00:00", "needs a zone"), ("tomorrow", "not RFC 3339"),
+                     (True, "RFC 3339 or unix seconds")):
+        with pytest.raises(ProtocolError, match=why):
+            at(bad)
+    with pytest.raises(ProtocolError, match="exclude each other"):
+        parse_task(orjson.dumps({"id": "1", "task": {"cmdline": "x", "enqueue_at": 1, "delay": 1}}))
