@@ -30,11 +30,13 @@ ENV = {"MODE": "ci", "CI_BRANCH": "main", "BUILD_ID": "42", "LANG": "C.UTF-8"}
 
 def run_once(checkout: Path, url: str, r: redis.Redis, cmd_dir: str, n: int,
              elapsed: list[float] | None = None, cpu: Callable[[int], float] = cpu_seconds,
-             **config: object) -> float:
+             setup: Callable[[redis.Redis], None] | None = None, **config: object) -> float:
     """Executor CPU seconds per task for n tasks (as `cpu` reads them from its pid), the
     executor started from `checkout`; the time from the pushes to the last done record is
     appended to `elapsed` when given."""
     r.flushall()
+    if setup is not None:
+        setup(r)
     with tempfile.TemporaryDirectory(prefix="tj-cost-") as tmp:
         cfg = {"redis_addr": url, "cmd_dir": cmd_dir, "state_dir": tmp, "executor_id": "cost",
                "log_level": "warning", "max_concurrency": 16, **config}

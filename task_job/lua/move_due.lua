@@ -8,13 +8,26 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+-- In batches: the due members are the lowest-ranked, so they leave with one range removal,
+-- and each queue gets its messages (in due order) by RPUSHes of up to 1,000 values.
+local by_queue, order, ids = {}, {}, {}
 for _, member in ipairs(due) do
   local a = string.find(member, '\0', 1, true)
   local b = string.find(member, '\0', a + 1, true)
-  redis.call('RPUSH', string.sub(member, 1, a - 1), string.sub(member, b + 1))
-  redis.call('HDEL', KEYS[2], string.sub(member, a + 1, b - 1))
-  redis.call('ZREM', KEYS[1], member)
+  local queue = string.sub(member, 1, a - 1)
+  if not by_queue[queue] then by_queue[queue] = {}; order[#order + 1] = queue end
+  local list = by_queue[queue]
+  list[#list + 1] = string.sub(member, b + 1)
+  ids[#ids + 1] = string.sub(member, a + 1, b - 1)
 end
+local function chunks(values, fn)
+  for i = 1, #values, 1000 do fn(unpack(values, i, math.min(i + 999, #values))) end
+end
+for _, queue in ipairs(order) do
+  chunks(by_queue[queue], function(...) redis.call('RPUSH', queue, ...) end)
+end
+chunks(ids, function(...) redis.call('HDEL', KEYS[2], ...) end)
+if #due > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #due - 1) end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if next_due[2] then return {#due, tostring(tonumber(next_due[2]) - now)} end
 return {#due, '-1'}
