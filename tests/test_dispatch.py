@@ -59,10 +59,10 @@ class Fleet:
 
     async def registered(self, *idents: str) -> None:
         await wait_until(lambda: all(self.r.zscore(self.keys.executors, i) is not None for i in idents),
-                         20, what=f"executors {idents} registered")
+                         60, what=f"executors {idents} registered")
 
     async def dispatching(self, n: int = 1) -> None:
-        await wait_until(lambda: self.r.zcard(self.keys.dispatchers) >= n, 20, what="a dispatcher")
+        await wait_until(lambda: self.r.zcard(self.keys.dispatchers) >= n, 60, what="a dispatcher")
 
     def push(self, msg: dict[str, Any]) -> str:
         self.r.rpush(self.config.dispatch_queue, orjson.dumps(msg))

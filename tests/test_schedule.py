@@ -38,7 +38,7 @@ def three(make_config: Callable[..., Config], spawn_executor: Any, tmp_path: Pat
 
 async def _registered(r: redis.Redis, config: Config) -> None:
     keys = Keys.for_config(config)
-    await wait_until(lambda: r.zcard(keys.executors) == 3, 20, what="three executors")
+    await wait_until(lambda: r.zcard(keys.executors) == 3, 60, what="three executors")
 
 
 async def test_delayed_tasks_start_on_time_and_once_with_three_executors_racing(
