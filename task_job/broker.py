@@ -81,7 +81,7 @@ MOVE_INTERVAL = 0.25  # seconds between looks for due tasks (a due task is queue
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
                 "heartbeat", "takeover", "adopt", "requeue_dead", "submit", "place",
-                "dispatcher_beat", "reroute", "move_due", "park")
+                "dispatcher_beat", "reroute", "move_due", "park", "retry")
 
 
 @dataclass(frozen=True, slots=True)

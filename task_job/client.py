@@ -185,7 +185,7 @@ class AsyncClient:
             if await self.broker.redis.hexists(self.keys.scheduled_ids, task_id):
                 return "pending", "scheduled"
             return "unknown", ""
-        if status in ("cancel_requested", "requeued"):
+        if status in ("cancel_requested", "requeued", "retrying"):
             return "pending", status
         if status == "running":
             return "running", status

@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -57,6 +58,13 @@ SHUTDOWN_DEADLINE = 2.0
 PROCESS_COUNT_INTERVAL = 0.1  # seconds between counts of a task's processes (max_processes)
 THROTTLE_PERIOD = 0.1  # seconds of the duty cycle of max_cpu_percent
 NO_LIMITS = Limits()
+
+
+def retry_delay(task: Task, attempt: int) -> float:
+    """Before attempt `attempt + 1`: retry_delay doubled per attempt, at most retry_delay_max,
+    with jitter of at most ±50%."""
+    base: float = min(task.retry_delay * 2.0 ** (attempt - 1), task.retry_delay_max)
+    return base * random.uniform(0.5, 1.5)
 
 
 @dataclass
@@ -445,6 +453,13 @@ class Executor:
                 attempt += 1
                 await backoff(attempt)
 
+    def _queue_for(self, task: Task) -> str:
+        """Where a parked task goes when due: its executor's own queue, the dispatcher queue
+        for a labelled one while a dispatcher serves the fleet, else the shared queue."""
+        if task.executor:
+            return self.keys.inbox(task.executor)
+        return self.keys.dispatch if task.labels and self.fleet.dispatched else self.keys.queue
+
     async def _park(self, raw: bytes, task: Task) -> bool:
         """A task not due yet (a raw push carrying task.enqueue_at or task.delay) waits in
         {Q}:scheduled; a delay is fixed into enqueue_at, by Redis' clock, so it waits once."""
@@ -459,9 +474,7 @@ class Executor:
             due, message = task.enqueue_at, raw
             if due <= now:
                 return False
-        queue = self.keys.inbox(task.executor) if task.executor else \
-            self.keys.dispatch if task.labels and self.fleet.dispatched else self.keys.queue
-        member = queue.encode() + b"\0" + task.id.encode() + b"\0" + message
+        member = self._queue_for(task).encode() + b"\0" + task.id.encode() + b"\0" + message
         await self.broker.call("park", [self.keys.processing(self.id), self.keys.scheduled,
                                         self.keys.scheduled_ids], [raw, member, repr(due), task.id])
         log.info("task parked until its time", extra={"task_id": task.id, "due": due})
@@ -541,7 +554,7 @@ class Executor:
                 log.warning("rejected duplicate id", extra={"task_id": task.id,
                                                             "status": "rejected"})
                 continue
-            stream = self.sink.open_stream(RecordHead.of(task, self.id), int(last_seq) + 1)
+            stream = self.sink.open_stream(RecordHead.of(task, self.id, int(attempt)), int(last_seq) + 1)
             if verdict == "cancelled":
                 self._track(self.sink.finish(stream, Outcome(Status.CANCELLED,
                             "cancelled before it started"), raw=raw, mode="cancel"))
@@ -608,7 +621,16 @@ class Executor:
             # The done record must be queued whatever happened, cancellation included.
             if task.submitted_by:
                 outcome.extra["submitted_by"] = task.submitted_by
-            fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
+            if task.retrying and outcome.status.value in task.retry_on and \
+                    tr.attempt <= task.retries and tr.kill_reason is None and not self._stopping.is_set():
+                due = time.time() + self.fleet.clock_offset + retry_delay(task, tr.attempt)
+                fut = self.sink.retry(tr.stream, outcome, raw=task.raw, attempt=tr.attempt,
+                                      queue=self._queue_for(task), due=due)
+                log.info("attempt failed; retrying", extra={
+                    "task_id": task.id, "attempt": tr.attempt, "status": outcome.status.value,
+                    "next_at": due})
+            else:
+                fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
             self._track(fut)
             self._settling.add(task.id)
             fut.add_done_callback(lambda _: self._settling.discard(task.id))
@@ -771,11 +793,16 @@ class Executor:
             "kill", [self.keys.task(ctl.id), self.keys.scheduled, self.keys.scheduled_ids],
             [f"{time.time():.6f}", self.config.cancel_ttl, ctl.id])
         where = where.decode() if isinstance(where, bytes) else where
-        if where == "parked":  # it was waiting for its time: it ends here, never having run
-            stream = self.sink.open_stream(RecordHead(ctl.id, None, None, self.id))
+        if where == "parked":  # it was waiting for its time: it ends here, never run again
+            seq, attempt = await self.broker.redis.hmget(self.keys.task(ctl.id), "seq", "attempt")
+            try:
+                head = RecordHead.of(parse_task(detail), self.id, int(attempt or 0) or None)
+            except ProtocolError:
+                head = RecordHead(ctl.id, None, None, self.id)
+            stream = self.sink.open_stream(head, int(seq or -1) + 1)
             by = f" (on request of {ctl.by})" if ctl.by else ""
             self._track(self.sink.finish(stream, Outcome(Status.CANCELLED, f"cancelled before its time{by}"),
-                                         raw=detail, mode="new"))
+                                         raw=detail, mode="parked"))
             log.info("scheduled task cancelled", extra={"task_id": ctl.id, "by": ctl.by})
             return
         detail = detail.decode() if isinstance(detail, bytes) else detail

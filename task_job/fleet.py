@@ -259,7 +259,8 @@ class Fleet:
         except ProtocolError:
             task = None
         attempt = int(state.get(b"attempt", b"1"))
-        if task is not None and task.on_lost == "requeue" and attempt <= max(task.retries, 1):
+        requeue = task is not None and (task.on_lost == "requeue" or "lost" in task.retry_on)
+        if task is not None and requeue and attempt <= max(task.retries, 1):
             await self.broker.call("requeue", [self.keys.processing(self.id), self.keys.queue,
                                                self.keys.task(task_id)], [raw, self.id])
             log.info("lost task requeued", extra={"task_id": task_id, "attempt": attempt})

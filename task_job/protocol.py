@@ -42,9 +42,11 @@ class MsgType(StrEnum):
     STDOUT = "stdout"
     STDERR = "stderr"
     DONE = "done"
+    RETRY = "retry"  # an attempt that will be retried ended (not a done record)
 
 
 ON_LOST_CHOICES = ("fail", "requeue")
+RETRY_ON = ("failed", "timeout", "lost")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +72,17 @@ class Task:
     labels: dict[str, Any] = field(default_factory=dict)  # task.labels: placement selectors
     enqueue_at: float | None = None  # task.enqueue_at (unix seconds): parked until then
     delay: float | None = None  # task.delay (seconds): parked this long from its claim
+    retry_on: tuple[str, ...] = ()  # statuses that start another attempt ((): none; see retrying)
+    retry_delay: float = 0.0  # seconds before the 2nd attempt, doubling, with jitter
+    retry_delay_max: float = 3600.0
+
+    @property
+    def retrying(self) -> bool:
+        """Whether `retries` means retries after failures (docs/protocol.md): a message with
+        on_lost "requeue" and retries but neither retry_on nor retry_delay keeps the older
+        meaning (a bound on requeues of a lost run), so no non-idempotent script starts being
+        re-run after a failure."""
+        return self.retries > 0 and bool(self.retry_on)
     executor: str | None = None  # task.executor: the one executor that may run it
     raw: bytes = b""
 
@@ -244,6 +257,17 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
             raise ProtocolError(str(exc), task_id) from exc
 
     labels = parse_selectors(spec.get("labels"), task_id)
+    retry_on: tuple[str, ...] = ()
+    if spec.get("retry_on") is not None:
+        value = spec["retry_on"]
+        if not isinstance(value, list) or not all(v in RETRY_ON for v in value):
+            raise ProtocolError(f"'task.retry_on' must be a list among {', '.join(RETRY_ON)}", task_id)
+        retry_on = tuple(value)
+    retry_delay = 0.0 if spec.get("retry_delay") is None else _number(spec["retry_delay"], "task.retry_delay", task_id)
+    retry_delay_max = 3600.0 if spec.get("retry_delay_max") is None else \
+        _number(spec["retry_delay_max"], "task.retry_delay_max", task_id)
+    if retry_delay < 0 or retry_delay_max < 0:
+        raise ProtocolError("'task.retry_delay' and 'task.retry_delay_max' must be 0 or more", task_id)
     enqueue_at = None if spec.get("enqueue_at") is None else parse_time(spec["enqueue_at"], task_id)
     delay = None
     if spec.get("delay") is not None:
@@ -263,8 +287,20 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         cmd_args=cmd_args, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
         max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user,
         submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
-        raw=data,
+        retry_on=_retry_on(retry_on, spec, on_lost), retry_delay=retry_delay,
+        retry_delay_max=retry_delay_max, raw=data,
     )
+
+
+def _retry_on(given: tuple[str, ...], spec: dict[str, Any], on_lost: str) -> tuple[str, ...]:
+    """The statuses that start another attempt: as given; by default failed and timeout —
+    except for a message that sets on_lost "requeue" and retries and neither retry_on nor
+    retry_delay, whose retries keep their older meaning alone."""
+    if given or not spec.get("retries"):
+        return given
+    if on_lost == "requeue" and spec.get("retry_delay") is None:
+        return ()
+    return ("failed", "timeout")
 
 
 def parse_time(value: Any, task_id: str | None = None) -> float:
@@ -380,10 +416,11 @@ class RecordHead:
     type: str | None
     tube: str | None
     executor: str
+    attempt: int | None = None  # on every record of a task that retries
 
     @classmethod
-    def of(cls, task: Task, executor: str) -> RecordHead:
-        return cls(task.id, task.type, task.tube, executor)
+    def of(cls, task: Task, executor: str, attempt: int | None = None) -> RecordHead:
+        return cls(task.id, task.type, task.tube, executor, attempt if task.retrying else None)
 
 
 def _head_dict(head: RecordHead) -> dict[str, Any]:
@@ -391,6 +428,8 @@ def _head_dict(head: RecordHead) -> dict[str, Any]:
     if head.tube is not None:
         out["tube"] = head.tube
     out["child_num"] = 0  # the original's records carry it, always 0
+    if head.attempt is not None:
+        out["attempt"] = head.attempt
     return out
 
 
@@ -431,6 +470,18 @@ class Outcome:
     finished_at: float | None = None
     duration: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_retry_record(head: RecordHead, outcome: Outcome, seq: int, ts: float, attempt: int,
+                       next_at: float) -> bytes:
+    """The end of an attempt that will be retried: not a done record (that comes once, after
+    the last attempt)."""
+    out = _head_dict(head)
+    out.update(msg_type=MsgType.RETRY.value, data=outcome.summary, seq=seq, ts=ts,
+               executor=head.executor, attempt=attempt, status=outcome.status.value,
+               exit_code=outcome.exit_code, signal=outcome.signal, started_at=outcome.started_at,
+               next_at=next_at)
+    return orjson.dumps(out)
 
 
 def build_done_record(head: RecordHead, outcome: Outcome, seq: int, ts: float) -> bytes:

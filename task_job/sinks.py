@@ -29,6 +29,7 @@ from task_job.protocol import (
     RecordHead,
     build_dead_entry,
     build_done_record,
+    build_retry_record,
     build_output_record,
 )
 from task_job.spool import SPILL_RETRY, Call, SpoolFile, leftover_spools, spool_name
@@ -165,6 +166,26 @@ class RedisSink:
         stream.started = op
         self._ops.append(op)
         self._add(OP_OVERHEAD)
+
+    def retry(self, stream: TaskStream, outcome: Outcome, *, raw: bytes, attempt: int,
+              queue: str, due: float) -> asyncio.Future[Any]:
+        """Queue the end of an attempt that will be retried: its retry record, and the task
+        parked until `due` for `queue` (retry.lua); resolves to 1 once written."""
+        cfg = self.broker.config
+        keys = self.broker.keys
+        seq = stream.next_seq
+        stream.next_seq += 1
+        record = build_retry_record(stream.head, outcome, seq, time.time(), attempt, due)
+        if self.tee is not None:
+            self.tee.add(record)
+        member = queue.encode() + b"\0" + stream.head.id.encode() + b"\0" + raw
+        exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
+        args = [self.executor, seq, record, claim_ref(raw), member, repr(due), stream.head.id,
+                outcome.status.value, exit_code, cfg.task_log_ttl, cfg.task_log_max_records,
+                cfg.logs_max_len]
+        script_keys = [keys.logs, stream.log_key, stream.state_key, keys.processing(self.executor),
+                       keys.scheduled, keys.scheduled_ids]
+        return self._script("retry", script_keys, args, len(record) + len(member))
 
     def finish(self, stream: TaskStream, outcome: Outcome, *, raw: bytes, mode: str = "own",
                dead_reason: str | None = None) -> asyncio.Future[Any]:

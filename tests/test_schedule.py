@@ -19,7 +19,7 @@ from task_job.config import Config
 from task_job.errors import ProtocolError
 from task_job.protocol import parse_task
 
-from .conftest import done_of, wait_done, wait_until, write_config
+from .conftest import done_of, records_of, wait_done, wait_until, write_config
 
 FAST = dict(heartbeat_interval=0.3, dead_after=1.5)
 
@@ -93,3 +93,57 @@ def test_enqueue_at_takes_rfc3339_with_a_zone_or_unix_seconds() -> None:
             at(bad)
     with pytest.raises(ProtocolError, match="exclude each other"):
         parse_task(orjson.dumps({"id": "1", "task": {"cmdline": "x", "enqueue_at": 1, "delay": 1}}))
+
+
+async def test_retries_back_off_then_end_in_one_done_record(three: Config, sync_redis: redis.Redis,
+                                                            cmd_dir: Path) -> None:
+    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
+    (cmd_dir / "flaky.sh").chmod(0o755)
+    await _registered(sync_redis, three)
+    task_id = uuid.uuid4().hex
+    sync_redis.rpush(three.queue_name, orjson.dumps({"id": task_id, "task": {
+        "cmdline": "flaky.sh", "retries": 3, "retry_delay": 0.4}}))
+    done = await wait_done(sync_redis, three, task_id, timeout=30)
+    records = [r for r in records_of(sync_redis, three, task_id) if r.msg_type in ("retry", "done")]
+    assert [r.msg_type for r in records] == ["retry", "retry", "retry", "done"]
+    assert [r.fields["attempt"] for r in records] == [1, 2, 3, 4]
+    assert done.fields["status"] == "failed" and done.fields["exit_code"] == 3
+    assert all(r.fields["status"] == "failed" and r.fields["exit_code"] == 3 for r in records[:3])
+    # the delays, measured: retry record to the next attempt's start, 0.4, 0.8 and 1.6 s
+    # within ±50% (plus the mover's quarter second and a spawn)
+    for i, base in enumerate((0.4, 0.8, 1.6)):
+        gap = records[i + 1].fields["started_at"] - records[i].fields["ts"]
+        assert base * 0.5 - 0.05 <= gap <= base * 1.5 + 0.4, (i, gap)
+        assert base * 0.5 - 0.01 <= records[i].fields["next_at"] - records[i].fields["ts"] <= base * 1.5 + 0.01
+    assert len(done_of(sync_redis, three, task_id)) == 1
+
+
+async def test_a_kill_during_back_off_ends_the_retrying(three: Config, sync_redis: redis.Redis,
+                                                        cmd_dir: Path) -> None:
+    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
+    (cmd_dir / "flaky.sh").chmod(0o755)
+    await _registered(sync_redis, three)
+    async with AsyncClient(three) as client:
+        task_id = uuid.uuid4().hex
+        sync_redis.rpush(three.queue_name, orjson.dumps({"id": task_id, "task": {
+            "cmdline": "flaky.sh", "retries": 5, "retry_delay": 30}}))
+        await wait_until(lambda: any(r.msg_type == "retry" for r in records_of(sync_redis, three, task_id)),
+                         20, what="the first retry record")
+        assert await client.whereabouts(task_id) == ("pending", "retrying")
+        await client.kill(task_id)
+        done = await wait_done(sync_redis, three, task_id, timeout=10)
+    assert done.fields["status"] == "cancelled" and done.fields["attempt"] == 1
+
+
+async def test_on_lost_requeue_with_retries_keeps_its_older_meaning(three: Config, sync_redis: redis.Redis,
+                                                                    cmd_dir: Path) -> None:
+    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
+    (cmd_dir / "flaky.sh").chmod(0o755)
+    await _registered(sync_redis, three)
+    task_id = uuid.uuid4().hex
+    sync_redis.rpush(three.queue_name, orjson.dumps({"id": task_id, "task": {
+        "cmdline": "flaky.sh", "on_lost": "requeue", "retries": 3}}))
+    done = await wait_done(sync_redis, three, task_id, timeout=20)
+    assert done.fields["status"] == "failed"  # not re-run after a failure
+    assert [r.msg_type for r in records_of(sync_redis, three, task_id) if r.msg_type == "retry"] == []
+    assert "attempt" not in done.fields

@@ -8,6 +8,7 @@
 --          same, instead of calling its own task a duplicate
 -- Returns {verdict, last_seq, attempt}; verdict is 'run', 'cancelled' (a kill came first)
 -- or 'duplicate' (the id is known: it ran, runs or was rejected, and must not run again).
+-- A task between attempts (requeued, or retrying after back-off) begins its next attempt.
 local st = redis.call('HMGET', KEYS[1], 'status', 'claim', 'seq', 'attempt')
 local status = st[1]
 if status == 'running' and st[2] == ARGV[3] then
@@ -16,7 +17,7 @@ end
 if status == 'cancel_requested' then
   return {'cancelled', tonumber(redis.call('HGET', KEYS[1], 'seq') or '-1'), 0}
 end
-if status and status ~= 'requeued' then
+if status and status ~= 'requeued' and status ~= 'retrying' then
   return {'duplicate', 0, 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)

@@ -7,6 +7,7 @@
 -- ARGV[1]  mode: 'own'    the task runs here (state running, executor = ARGV[2])
 --                'new'    a rejected message: only if the id has no state yet
 --                'cancel' a kill came before the start (state cancel_requested)
+--                'parked' a kill found it waiting for its time (no state, or retrying)
 -- ARGV[2]  executor id       ARGV[3]  seq of the done record    ARGV[4]  done record (JSON)
 -- ARGV[5]  raw message to remove from KEYS[4] ('' = none), or 'sha1:<hex>:<length>' naming
 --          a big one by its digest (it is not sent back whole)
@@ -44,6 +45,8 @@ if mode == 'own' then
   if tonumber(st[3] or '-1') >= tonumber(ARGV[3]) then return 0 end
 elseif mode == 'new' then
   if st[1] then return 0 end
+elseif mode == 'parked' then
+  if st[1] and st[1] ~= 'retrying' then return 0 end
 elseif mode == 'cancel' then
   if st[1] ~= 'cancel_requested' then return 0 end
 else
