@@ -29,8 +29,8 @@ from task_job.protocol import (
     RecordHead,
     build_dead_entry,
     build_done_record,
-    build_retry_record,
     build_output_record,
+    build_retry_record,
 )
 from task_job.spool import SPILL_RETRY, Call, SpoolFile, leftover_spools, spool_name
 
