@@ -621,8 +621,9 @@ class Executor:
             # The done record must be queued whatever happened, cancellation included.
             if task.submitted_by:
                 outcome.extra["submitted_by"] = task.submitted_by
+            # (An executor shutting down retries too: the next attempt may run anywhere.)
             if task.retrying and outcome.status.value in task.retry_on and \
-                    tr.attempt <= task.retries and tr.kill_reason is None and not self._stopping.is_set():
+                    tr.attempt <= task.retries and tr.kill_reason is None:
                 due = time.time() + self.fleet.clock_offset + retry_delay(task, tr.attempt)
                 fut = self.sink.retry(tr.stream, outcome, raw=task.raw, attempt=tr.attempt,
                                       queue=self._queue_for(task), due=due)
