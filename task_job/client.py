@@ -29,7 +29,7 @@ from task_job.protocol import (
 )
 
 FINISHED = tuple(s.value for s in Status)
-TASK_STATUSES = ("queued", "unroutable", "running", *FINISHED)
+TASK_STATUSES = ("queued", "scheduled", "unroutable", "running", *FINISHED)
 PAGE_MAX = 1000
 RECENT_WINDOW = 10_000  # finished tasks examined for filters without an index (labels, time)
 
@@ -288,13 +288,13 @@ class AsyncClient:
             raise ValueError(f"status: one of {', '.join(TASK_STATUSES)}")
         kind, _, position = (cursor or "").partition(":")
         rows: list[dict[str, Any]] = []
-        phases = ["running", "queued", "unroutable", "finished"] if status is None else \
-            [status if status in ("running", "queued", "unroutable") else "finished"]
-        for waiting in ("queued", "unroutable"):
+        phases = ["running", "queued", "scheduled", "unroutable", "finished"] if status is None else \
+            [status if status in ("running", "queued", "scheduled", "unroutable") else "finished"]
+        for waiting in ("queued", "scheduled", "unroutable"):
             if executor is not None and waiting in phases:
                 phases.remove(waiting)  # no executor yet
         if kind:
-            if kind not in phases or (kind in ("queued", "unroutable") and position
+            if kind not in phases or (kind in ("queued", "scheduled", "unroutable") and position
                                       and not position.isdigit()):
                 raise ValueError("cursor: not from this listing")
             if kind == "finished" and position:
@@ -312,6 +312,8 @@ class AsyncClient:
                 page, nxt = await self._queued(start, want)
             elif phase == "unroutable":
                 page, nxt = await self._unroutable(start, want)
+            elif phase == "scheduled":
+                page, nxt = await self._scheduled(start, want)
             else:
                 page, nxt = await self._finished(status, executor, start, want, since, until, labels)
             rows += [r for r in page if _labels_match(r, labels)] if phase != "finished" else page
@@ -353,6 +355,22 @@ class AsyncClient:
             task_id = peek_id(raw)
             rows.append({"id": task_id, "status": "queued", "message": _message(raw)})
         return rows, (str(offset + want) if len(raws) == want else None)
+
+    async def _scheduled(self, start: str, want: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Parked tasks, soonest due first: delayed ones, and retrying ones between attempts
+        (`status` says which, from their state)."""
+        offset = int(start) if start.isdigit() else 0
+        members = await self.broker.redis.zrange(self.keys.scheduled, offset, offset + want - 1,
+                                                 withscores=True)
+        rows = []
+        for member, due in members:
+            _, task_id, raw = member.split(b"\0", 2)
+            state = await self.state(task_id.decode())
+            row = typed_state(task_id.decode(), state) if state else {"id": task_id.decode()}
+            row.update(status=state.get("status") if state.get("status") == "retrying" else "scheduled",
+                       due=due, message=_message(raw))
+            rows.append(row)
+        return rows, (str(offset + want) if len(members) == want else None)
 
     async def _unroutable(self, start: str, want: int) -> tuple[list[dict[str, Any]], str | None]:
         """Tasks no live executor matches, oldest first, with when they were found so."""
@@ -488,7 +506,8 @@ def dead_row(raw: bytes) -> dict[str, Any]:
     return row
 
 
-_FLOATS = ("claimed_at", "started_at", "finished_at", "heartbeat_age_s", "dead_after")
+_FLOATS = ("claimed_at", "started_at", "finished_at", "heartbeat_age_s", "dead_after", "next_at",
+           "kill_requested_at")
 _INTS = ("attempt", "seq", "pid", "exit_code", "running", "slots", "max_concurrency")
 
 

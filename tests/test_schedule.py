@@ -49,6 +49,8 @@ async def test_delayed_tasks_start_on_time_and_once_with_three_executors_racing(
         ids = [await client.submit("now.sh", at=at) for _ in range(30)]
         delayed = await client.submit("now.sh", delay=1.0)
         assert (await client.whereabouts(ids[0])) == ("pending", "scheduled")
+        rows, _ = await client.tasks(status="scheduled", limit=1000)
+        assert {r["id"] for r in rows} >= set(ids) and all(r["due"] == at for r in rows if r["id"] in ids)
         # a raw push carrying its time, straight onto the shared queue: the claiming
         # executor parks it; one with a delay is parked once, its delay fixed at the claim
         raw_at = {"id": uuid.uuid4().hex, "task": {"cmdline": "now.sh", "enqueue_at": at}}
@@ -130,6 +132,9 @@ async def test_a_kill_during_back_off_ends_the_retrying(three: Config, sync_redi
         await wait_until(lambda: any(r.msg_type == "retry" for r in records_of(sync_redis, three, task_id)),
                          20, what="the first retry record")
         assert await client.whereabouts(task_id) == ("pending", "retrying")
+        rows, _ = await client.tasks(status="scheduled")
+        assert [(r["id"], r["status"], r["attempt"]) for r in rows] == [(task_id, "retrying", 1)]
+        assert rows[0]["due"] == rows[0]["next_at"]
         await client.kill(task_id)
         done = await wait_done(sync_redis, three, task_id, timeout=10)
     assert done.fields["status"] == "cancelled" and done.fields["attempt"] == 1
