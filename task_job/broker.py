@@ -116,6 +116,15 @@ class Keys:
         return f"{self.tag}:scheduled"
 
     @property
+    def groups(self) -> str:
+        """Hash: group name -> parallel (fleet-wide limits, written from executors' config)."""
+        return f"{self.tag}:groups"
+
+    def group_keys(self, group: str) -> list[str]:
+        """The lease set and waiting list of a limited group."""
+        return [f"{self.tag}:group:{group}:running", f"{self.tag}:group:{group}:waiting"]
+
+    @property
     def scheduled_ids(self) -> str:
         """Parked task id -> its member in `scheduled` (how a kill finds it)."""
         return f"{self.tag}:scheduled_ids"

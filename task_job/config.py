@@ -154,6 +154,8 @@ class Config:
     dispatch_queue: str = ""  # "" -> <queue_name>_dispatch
     unroutable_after: float = 300.0
     block_on: str = "auto"  # the list a claim waits on: auto, shared, inbox
+    # Scheduling (docs/protocol.md): fleet-wide concurrency of task.group.
+    groups: dict[str, int] = field(default_factory=dict)  # {"deploy": {"parallel": 2}} in JSON
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -186,6 +188,8 @@ class Config:
                 value = redact_url(value)
             elif f.name == "logs_http_headers":
                 value = {k: "***" for k in value}
+            elif f.name == "groups":
+                value = {g: {"parallel": n} for g, n in value.items()}
             elif f.name == "api_tokens":
                 value = [{"name": t.name, "sha256": "***", "scopes": list(t.scopes),
                           "allow": list(t.allow)} for t in value]
@@ -295,6 +299,18 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             return float(value)
         if name == "api_tokens":
             return parse_api_tokens(value, where)
+        if name == "groups":
+            if isinstance(value, str):
+                value = orjson.loads(value)
+            if not isinstance(value, dict):
+                raise ValueError('expected {"name": {"parallel": N}}')
+            out: dict[str, int] = {}
+            for group, spec in value.items():
+                parallel = spec.get("parallel") if isinstance(spec, dict) else None
+                if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+                    raise ValueError(f"{group}.parallel: a whole number of at least 1")
+                out[str(group)] = parallel
+            return out
         if name == "labels":
             if isinstance(value, str):
                 value = orjson.loads(value) if value.lstrip()[:1] in ("[", "{") else value.split(",")

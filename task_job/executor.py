@@ -162,6 +162,7 @@ class Executor:
         self.notifier: Any = None  # notify.Notifier when run under systemd Type=notify
         self.stats = Stats()
         self.api: Any = None  # api.serve.ApiServer when server_port or server_socket is set
+        self.group_limits: dict[str, int] = dict(config.groups)  # fleet-wide, from Redis
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -200,6 +201,9 @@ class Executor:
         await self.sink.replay_spools()
         async with self.broker.deadline():
             await self.fleet.register()
+            await self._publish_groups()
+        self.fleet.group_keys_for = self.group_keys_for
+        self.fleet.on_beat = self.refresh_groups
         self.link.up("start")
         async with self.broker.deadline():
             await self._settle_leftovers()
@@ -453,6 +457,30 @@ class Executor:
                 attempt += 1
                 await backoff(attempt)
 
+    def group_keys_for(self, task: Task) -> list[str]:
+        """For a task of a limited group: its lease set, waiting list, and the queue a waiting
+        task goes to when a lease comes back (what finish/retry/requeue need to give it back)."""
+        if task.group and self.group_limits.get(task.group):
+            return [*self.keys.group_keys(task.group), self.keys.queue]
+        return []
+
+    async def _publish_groups(self) -> None:
+        """This executor's `groups` go into Redis (last writer wins, with a warning when they
+        differ from what is there); every executor then judges by what Redis holds."""
+        redis = self.broker.redis
+        there = {k.decode(): int(v) for k, v in (await redis.hgetall(self.keys.groups)).items()}
+        for group, parallel in self.config.groups.items():
+            if there.get(group) not in (None, parallel):
+                log.warning("groups differ between executors' configs; this one's is used now",
+                            extra={"group": group, "was": there[group], "now": parallel})
+        if self.config.groups:
+            await redis.hset(self.keys.groups, mapping=self.config.groups)
+        await self.refresh_groups()
+
+    async def refresh_groups(self) -> None:
+        raw = await self.broker.redis.hgetall(self.keys.groups)
+        self.group_limits = {k.decode(): int(v) for k, v in raw.items()}
+
     def _queue_for(self, task: Task) -> str:
         """Where a parked task goes when due: its executor's own queue, the dispatcher queue
         for a labelled one while a dispatcher serves the fleet, else the shared queue."""
@@ -548,6 +576,9 @@ class Executor:
         verdicts = await self._begin(claims)
         for (raw, task, token), (verdict, last_seq, attempt) in zip(claims, verdicts, strict=True):
             verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+            if verdict == "waiting":  # its group is full: it waits in the group's list, no slot held
+                log.info("task waits for a lease of its group", extra={"task_id": task.id, "group": task.group})
+                continue
             if verdict == "duplicate":
                 # The id already has (or will have) its one done record: no second one here.
                 self._track(self.sink.dead_letter(raw, f"duplicate id {task.id!r}: already seen"))
@@ -568,8 +599,15 @@ class Executor:
         """begin.lua for each claim, repeated through an outage (safe: the claim token makes
         it idempotent). Returns [verdict, last_seq, attempt] per claim."""
         attempt = 0
-        calls = [([self.keys.task(task.id), self.keys.events], [self.id, f"{time.time():.6f}", token, task.id, task.submitted_by or ""])
-                 for _, task, token in claims]
+        calls = []
+        for raw, task, token in claims:
+            keys = [self.keys.task(task.id), self.keys.events]
+            args: list[Any] = [self.id, f"{time.time():.6f}", token, task.id, task.submitted_by or ""]
+            parallel = self.group_limits.get(task.group or "")
+            if task.group and parallel:  # a lease of the group, taken with the begin
+                keys += [*self.keys.group_keys(task.group), self.keys.processing(self.id)]
+                args += [parallel, raw]
+            calls.append((keys, args))
         while True:
             try:
                 results = await self.broker.call_many("begin", calls)
@@ -626,12 +664,14 @@ class Executor:
                     tr.attempt <= task.retries and tr.kill_reason is None:
                 due = time.time() + self.fleet.clock_offset + retry_delay(task, tr.attempt)
                 fut = self.sink.retry(tr.stream, outcome, raw=task.raw, attempt=tr.attempt,
-                                      queue=self._queue_for(task), due=due)
+                                      queue=self._queue_for(task), due=due,
+                                      group_keys=self.group_keys_for(task))
                 log.info("attempt failed; retrying", extra={
                     "task_id": task.id, "attempt": tr.attempt, "status": outcome.status.value,
                     "next_at": due})
             else:
-                fut = self.sink.finish(tr.stream, outcome, raw=task.raw)
+                fut = self.sink.finish(tr.stream, outcome, raw=task.raw,
+                                       group_keys=self.group_keys_for(task))
             self._track(fut)
             self._settling.add(task.id)
             fut.add_done_callback(lambda _: self._settling.discard(task.id))

@@ -92,6 +92,8 @@ class Fleet:
         self.takeovers = 0
         self.dispatched = False  # a live dispatcher is registered (checked with each heartbeat)
         self.clock_offset = 0.0  # Redis' clock minus ours, seconds (due times are Redis')
+        self.group_keys_for: Callable[[Task], list[str]] = lambda task: []
+        self.on_beat: Callable[[], Awaitable[None]] = _nothing
 
     # -- registry --------------------------------------------------------------------------
 
@@ -161,6 +163,7 @@ class Fleet:
             try:
                 async with self.broker.deadline():
                     present = await self._beat("beat")
+                    await self.on_beat()
                 if not present:
                     log.error("this executor was declared dead and its tasks taken over while "
                               "it was away; stopping its running tasks and registering again",
@@ -261,8 +264,9 @@ class Fleet:
         attempt = int(state.get(b"attempt", b"1"))
         requeue = task is not None and (task.on_lost == "requeue" or "lost" in task.retry_on)
         if task is not None and requeue and attempt <= max(task.retries, 1):
+            group = self.group_keys_for(task)[:2]
             await self.broker.call("requeue", [self.keys.processing(self.id), self.keys.queue,
-                                               self.keys.task(task_id)], [raw, self.id])
+                                               self.keys.task(task_id), *group], [raw, self.id, task_id])
             log.info("lost task requeued", extra={"task_id": task_id, "attempt": attempt})
             return
         head = RecordHead.of(task, self.id) if task else RecordHead(task_id, None, None, self.id)
@@ -270,7 +274,8 @@ class Fleet:
         outcome = Outcome(Status.LOST, f"lost: {reason} before the task finished",
                           started_at=_float(state.get(b"started_at")),
                           extra={"attempt": attempt})
-        await self.sink.deliver_now(self.sink.finish(stream, outcome, raw=raw))
+        await self.sink.deliver_now(self.sink.finish(
+            stream, outcome, raw=raw, group_keys=self.group_keys_for(task) if task else ()))
         log.info("task lost", extra={"task_id": task_id, "status": "lost", "reason": reason})
 
 

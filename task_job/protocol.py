@@ -75,6 +75,7 @@ class Task:
     retry_on: tuple[str, ...] = ()  # statuses that start another attempt ((): none; see retrying)
     retry_delay: float = 0.0  # seconds before the 2nd attempt, doubling, with jitter
     retry_delay_max: float = 3600.0
+    group: str | None = None  # task.group: fleet-wide concurrency by the groups config
 
     @property
     def retrying(self) -> bool:
@@ -257,6 +258,9 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
             raise ProtocolError(str(exc), task_id) from exc
 
     labels = parse_selectors(spec.get("labels"), task_id)
+    group = None if spec.get("group") is None else _string(spec["group"], "task.group", task_id)
+    if group is not None and (not group or len(group) > 128 or "}" in group or not group.isprintable()):
+        raise ProtocolError("'task.group' must be a printable name of 1-128 characters", task_id)
     retry_on: tuple[str, ...] = ()
     if spec.get("retry_on") is not None:
         value = spec["retry_on"]
@@ -288,7 +292,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user,
         submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
         retry_on=_retry_on(retry_on, spec, on_lost), retry_delay=retry_delay,
-        retry_delay_max=retry_delay_max, raw=data,
+        retry_delay_max=retry_delay_max, group=group, raw=data,
     )
 
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ class RedisSink:
         self._add(OP_OVERHEAD)
 
     def retry(self, stream: TaskStream, outcome: Outcome, *, raw: bytes, attempt: int,
-              queue: str, due: float) -> asyncio.Future[Any]:
+              queue: str, due: float, group_keys: Sequence[str] = ()) -> asyncio.Future[Any]:
         """Queue the end of an attempt that will be retried: its retry record, and the task
         parked until `due` for `queue` (retry.lua); resolves to 1 once written."""
         cfg = self.broker.config
@@ -184,11 +185,11 @@ class RedisSink:
                 outcome.status.value, exit_code, cfg.task_log_ttl, cfg.task_log_max_records,
                 cfg.logs_max_len]
         script_keys = [keys.logs, stream.log_key, stream.state_key, keys.processing(self.executor),
-                       keys.scheduled, keys.scheduled_ids]
+                       keys.scheduled, keys.scheduled_ids, *group_keys]
         return self._script("retry", script_keys, args, len(record) + len(member))
 
     def finish(self, stream: TaskStream, outcome: Outcome, *, raw: bytes, mode: str = "own",
-               dead_reason: str | None = None) -> asyncio.Future[Any]:
+               dead_reason: str | None = None, group_keys: Sequence[str] = ()) -> asyncio.Future[Any]:
         """Queue the done record; the future resolves to 1 once written (0 if settled before)."""
         cfg = self.broker.config
         keys = self.broker.keys
@@ -212,7 +213,8 @@ class RedisSink:
         args.append(stream.head.id)
         script_keys = [keys.logs, stream.log_key, stream.state_key,
                        keys.processing(self.executor), keys.dead, keys.recent(),
-                       keys.recent(outcome.status.value), keys.recent_by(self.executor), keys.events]
+                       keys.recent(outcome.status.value), keys.recent_by(self.executor), keys.events,
+                       *group_keys]
         return self._script("finish", script_keys, args, len(record) + len(ref) + len(dead))
 
     def dead_letter(self, raw: bytes | Oversize, reason: str, *, claimed: bool = True

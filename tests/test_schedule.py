@@ -152,3 +152,68 @@ async def test_on_lost_requeue_with_retries_keeps_its_older_meaning(three: Confi
     assert done.fields["status"] == "failed"  # not re-run after a failure
     assert [r.msg_type for r in records_of(sync_redis, three, task_id) if r.msg_type == "retry"] == []
     assert "attempt" not in done.fields
+
+
+@pytest.fixture
+def grouped(make_config: Callable[..., Config], spawn_executor: Any, tmp_path: Path,
+            cmd_dir: Path) -> tuple[Config, dict[str, Any]]:
+    (cmd_dir / "nap.sh").write_text("#!/bin/sh\nsleep ${1:-2}\n")
+    (cmd_dir / "nap.sh").chmod(0o755)
+    config = make_config(**FAST)
+    procs = {}
+    for i in range(3):
+        cfg = make_config(executor_id=f"g{i}", state_dir=str(tmp_path / f"g{i}"), max_concurrency=4, **FAST)
+        procs[f"g{i}"] = spawn_executor("run", "--config", str(write_config(
+            tmp_path / f"g{i}.json", cfg, groups={"deploy": {"parallel": 2}})))
+    return config, procs
+
+
+async def test_a_group_never_runs_more_than_its_parallel_across_the_fleet(
+        grouped: tuple[Config, dict[str, Any]], sync_redis: redis.Redis) -> None:
+    config, _ = grouped
+    await _registered(sync_redis, config)
+    ids = [uuid.uuid4().hex for _ in range(6)]
+    for task_id in ids:
+        sync_redis.rpush(config.queue_name, orjson.dumps(
+            {"id": task_id, "task": {"cmdline": "nap.sh", "cmd_args": ["2"], "group": "deploy"}}))
+    other = uuid.uuid4().hex  # another group, unlimited: not held up
+    sync_redis.rpush(config.queue_name, orjson.dumps(
+        {"id": other, "task": {"cmdline": "nap.sh", "cmd_args": ["0"], "group": "default"}}))
+    assert (await wait_done(sync_redis, config, other, timeout=10)).fields["status"] == "succeeded"
+    spans = []
+    for task_id in ids:
+        done = await wait_done(sync_redis, config, task_id, timeout=60)
+        assert done.fields["status"] == "succeeded"
+        spans.append((done.fields["started_at"], done.fields["finished_at"], done.fields["executor"]))
+    for start, _, _ in spans:  # at each start, how many ran: never more than two
+        assert sum(1 for s, f, _ in spans if s <= start < f) <= 2, spans
+    assert len({e for _, _, e in spans}) >= 2  # spread over the fleet, limited across it
+    keys = Keys.for_config(config)
+    running, waiting = keys.group_keys("deploy")
+    assert sync_redis.scard(running) == 0 and sync_redis.llen(waiting) == 0
+
+
+async def test_a_sigkilled_executor_gives_its_group_lease_back_at_takeover(
+        grouped: tuple[Config, dict[str, Any]], sync_redis: redis.Redis) -> None:
+    import signal
+
+    config, procs = grouped
+    await _registered(sync_redis, config)
+    keys = Keys.for_config(config)
+    running, waiting = keys.group_keys("deploy")
+    first = [uuid.uuid4().hex for _ in range(2)]
+    for task_id in first:
+        sync_redis.rpush(config.queue_name, orjson.dumps(
+            {"id": task_id, "task": {"cmdline": "nap.sh", "cmd_args": ["60"], "group": "deploy"}}))
+    await wait_until(lambda: sync_redis.scard(running) == 2, 20, what="two leases taken")
+    later = uuid.uuid4().hex
+    sync_redis.rpush(config.queue_name, orjson.dumps(
+        {"id": later, "task": {"cmdline": "nap.sh", "cmd_args": ["0"], "group": "deploy"}}))
+    await wait_until(lambda: sync_redis.llen(waiting) == 1, 20, what="the third waiting")
+    holder = sync_redis.hget(keys.task(first[0]), "executor").decode()
+    procs[holder].signal(signal.SIGKILL)
+    procs[holder].wait(10)
+    lost = await wait_done(sync_redis, config, first[0], timeout=30)
+    assert lost.fields["status"] == "lost"
+    done = await wait_done(sync_redis, config, later, timeout=30)  # ran on the lease given back
+    assert done.fields["status"] == "succeeded" and done.fields["executor"] != holder

@@ -2,6 +2,11 @@
 -- KEYS[1]  {Q}:task:<id>   state hash (created here; the only place a task id is registered)
 -- KEYS[2]  {Q}:events      pub/sub channel of task state changes
 -- ARGV[4]  task id       ARGV[5]  who submitted it ('' = not said)
+-- For a task of a limited group (task.group with groups.<g>.parallel), also:
+-- KEYS[3]  {Q}:group:<g>:running (the group's leases: task ids)   KEYS[4]  {Q}:group:<g>:waiting
+-- KEYS[5]  {Q}:processing:<exec>   ARGV[6]  parallel   ARGV[7]  the claimed message
+-- verdict 'waiting': the group is full; the message left the processing list for the group's
+-- waiting list (in order), holding no slot, until a lease is given back.
 -- ARGV[1]  executor id
 -- ARGV[2]  now, unix seconds
 -- ARGV[3]  claim token, unique per claim: a begin repeated after a lost reply answers the
@@ -19,6 +24,14 @@ if status == 'cancel_requested' then
 end
 if status and status ~= 'requeued' and status ~= 'retrying' then
   return {'duplicate', 0, 0}
+end
+if KEYS[3] and redis.call('SISMEMBER', KEYS[3], ARGV[4]) == 0 then
+  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+    redis.call('LREM', KEYS[5], 1, ARGV[7])
+    redis.call('RPUSH', KEYS[4], ARGV[7])
+    return {'waiting', 0, 0}
+  end
+  redis.call('SADD', KEYS[3], ARGV[4])
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1], 'claimed_at', ARGV[2],

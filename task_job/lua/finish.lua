@@ -21,11 +21,20 @@
 -- KEYS[9]  {Q}:events   pub/sub channel of task state changes
 -- ARGV[15] pid, ARGV[16] started_at: for a task whose start note was never sent ('' = none)
 -- ARGV[17] task id, for the indexes and the event
+-- KEYS[10..12] for a task of a limited group: {Q}:group:<g>:running, {Q}:group:<g>:waiting,
+--          and the queue a waiting task goes to when the lease is given back
 -- A done record spooled by an older version (5 KEYS, 14 or 16 ARGV) is still written whole:
 -- it only misses the indexes and the event.
 -- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
 --!include lib_unclaim.lua
+-- A group's lease goes back, and the first task waiting for one goes to the head of its queue.
+local function release(lease, waiting, queue, id)
+  if redis.call('SREM', lease, id) == 1 and redis.call('LLEN', waiting) > 0 then
+    redis.call('LMOVE', waiting, queue, 'LEFT', 'LEFT')
+  end
+end
+
 local function cap(key, n)
   n = tonumber(n)
   if n > 0 and redis.call('LLEN', key) > n then redis.call('LTRIM', key, -n, -1) end
@@ -63,6 +72,7 @@ if ARGV[15] and ARGV[15] ~= '' then
 end
 redis.call('EXPIRE', KEYS[3], ARGV[10])
 if not (KEYS[9] and ARGV[17]) then return 1 end
+if KEYS[10] then release(KEYS[10], KEYS[11], KEYS[12], ARGV[17]) end
 local horizon = '(' .. (tonumber(ARGV[9]) - tonumber(ARGV[10]))
 for i = 6, 8 do
   redis.call('ZADD', KEYS[i], ARGV[9], ARGV[17])

@@ -7,8 +7,17 @@
 -- ARGV[6]  next attempt due, unix seconds   ARGV[7]  task id   ARGV[8]  status of the attempt
 -- ARGV[9]  exit code ('' = null)   ARGV[10] stream TTL   ARGV[11] stream MAXLEN
 -- ARGV[12] logs_max_len (0 = no cap)
+-- KEYS[7..9] for a task of a limited group: its lease set, waiting list, queue (the lease
+--          goes back while it waits for its next attempt)
 -- Returns 1, or 0 when the task is no longer this executor's (taken over, settled).
 --!include lib_unclaim.lua
+-- A group's lease goes back, and the first task waiting for one goes to the head of its queue.
+local function release(lease, waiting, queue, id)
+  if redis.call('SREM', lease, id) == 1 and redis.call('LLEN', waiting) > 0 then
+    redis.call('LMOVE', waiting, queue, 'LEFT', 'LEFT')
+  end
+end
+
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
 if st[1] and (st[1] ~= 'running' or st[2] ~= ARGV[1]) then return 0 end
 if tonumber(st[3] or '-1') >= tonumber(ARGV[2]) then return 0 end
@@ -23,4 +32,5 @@ redis.call('HSET', KEYS[3], 'status', 'retrying', 'seq', ARGV[2], 'last_status',
 redis.call('PERSIST', KEYS[3])
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[7], ARGV[5])
+if KEYS[7] then release(KEYS[7], KEYS[8], KEYS[9], ARGV[7]) end
 return 1
