@@ -35,6 +35,8 @@ import redis
 from _harness import executor, machine, pct, redis_server, stop
 from policy_cost import ROOT, run_once
 
+from task_job.embedded import free_port
+
 TOKEN = "bench-token-0123456789"
 TOKENS = [{"name": "bench", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest(),
            "scopes": ["admin"]}]
@@ -48,12 +50,6 @@ app = web.Application()
 app.router.add_post("/api/v1/tasks", handle)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:

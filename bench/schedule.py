@@ -27,6 +27,8 @@ import redis
 from _harness import machine, redis_server, stop
 from policy_cost import ROOT, run_once
 
+from task_job.broker import parked_member
+
 SCHEDULED, IDS = "{queue_job_task}:scheduled", "{queue_job_task}:scheduled_ids"
 
 
@@ -35,7 +37,7 @@ def park(r: redis.Redis, n: int, due: float, prefix: str) -> None:
     for i in range(n):
         task_id = f"{prefix}{i}"
         msg = json.dumps({"id": task_id, "task": {"cmdline": "true", "enqueue_at": due}})
-        member = f"queue_job_task\0{task_id}\0{msg}"
+        member = parked_member("queue_job_task", task_id, msg.encode())
         pipe.zadd(SCHEDULED, {member: due})
         pipe.hset(IDS, task_id, member)
         if i % 5000 == 4999:

@@ -69,6 +69,11 @@ def claim_ref(raw: bytes) -> bytes:
     return digest_ref(hashlib.sha1(raw).hexdigest(), len(raw))
 
 
+def parked_member(queue: str, task_id: str, message: bytes) -> bytes:
+    """A member of {Q}:scheduled: `queue \\0 id \\0 message` (lib_parked.lua reads it)."""
+    return b"%s\0%s\0%s" % (queue.encode(), task_id.encode(), message)
+
+
 def digest_ref(digest: str, size: int) -> bytes:
     """'sha1:<hex>:<length>', as lib_unclaim.lua reads it."""
     return b"sha1:%s:%d" % (digest.encode(), size)
@@ -656,13 +661,8 @@ class Broker:
     async def claim_now(self, source: str, processing: str, count: int) -> list[bytes | Oversize]:
         """Up to `count` queued messages moved to `processing` in one round trip (LMOVE each,
         no blocking); fewer when the queue runs out."""
-        moved = await self.claim_lane.execute(
-            [("LMOVE", source, processing, "LEFT", "RIGHT")] * count,
-            bulk_limit=self.config.max_message_bytes)
-        for result in moved:
-            if isinstance(result, Exception):
-                raise result
-        return [raw for raw in moved if raw is not None]
+        (moved,) = await self.claim_from([source], processing, count)
+        return moved
 
     async def claim_from(self, sources: Sequence[str], processing: str, count: int
                          ) -> list[list[bytes | Oversize]]:

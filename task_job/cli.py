@@ -448,7 +448,7 @@ def executors(config_path: str | None, redis_addr: str | None, queue_name: str |
         async with AsyncClient(config) as client:
             rows = await client.executors()
         if as_json:
-            click.echo(orjson.dumps(rows).decode())
+            _print_json(rows)
             return 0
         click.echo(f"{'ID':40} {'HOST':20} {'STATUS':9} {'RUNNING':>9} {'HEARTBEAT':>10}")
         for row in rows:
@@ -551,18 +551,11 @@ def status(config_path: str | None, redis_addr: str | None, queue_name: str | No
         from task_job.client import AsyncClient
 
         async with AsyncClient(config) as client:
-            found = await client.task(task_id)
-            last = {"stdout": b"", "stderr": b""}
-            if found is not None:
-                async for record in client.records(task_id):
-                    if record.msg_type in last:
-                        last[record.msg_type] = (last[record.msg_type] + record.payload)[-65536:]
+            found = await client.task(task_id, lines=3)
         if found is None:
             fail(f"unknown task {task_id!r} (never claimed, or its state expired)", code=1)
-        lines = {k: [ln for ln in v.decode("utf-8", "replace").splitlines() if ln.strip()][-3:]
-                 for k, v in last.items()}
         if as_json:
-            _print_json({**found, "stdout_last": lines["stdout"], "stderr_last": lines["stderr"]})
+            _print_json(found)
             return 0
         done = found.get("done") or {}
         click.echo(f"task      {task_id}\nstatus    {found.get('status')}\n"
@@ -573,7 +566,7 @@ def status(config_path: str | None, redis_addr: str | None, queue_name: str | No
         if done.get("data"):
             click.echo(f"summary   {done['data']}")
         for kind in ("stdout", "stderr"):
-            for line in lines[kind]:
+            for line in found[f"{kind}_last"]:
                 click.echo(f"{kind}    {line}")
         return 0
 

@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ from task_job.protocol import (
     parse_record,
     parse_task,
     peek_id,
+    with_due,
 )
 
 FINISHED = tuple(s.value for s in Status)
@@ -133,8 +134,7 @@ class AsyncClient:
         due = task.enqueue_at
         if task.delay is not None:  # fixed now, by Redis' clock, so it is parked only once
             due = await self.server_time() + task.delay
-            spec = {k: v for k, v in message["task"].items() if k != "delay"}
-            raw = orjson.dumps({**message, "task": {**spec, "enqueue_at": due}})
+            raw = with_due(message, due)
             task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
         await self._push_new(task.id, raw, await self.destination(task), due)
         return task
@@ -194,6 +194,13 @@ class AsyncClient:
     async def state(self, task_id: str) -> dict[str, str]:
         raw = await self.broker.redis.hgetall(self.keys.task(task_id))
         return {k.decode(): v.decode() for k, v in raw.items()}
+
+    async def _states(self, task_ids: Iterable[str]) -> list[dict[str, str]]:
+        """The state of each id, in one round trip."""
+        pipe = self.broker.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(self.keys.task(task_id))
+        return [{k.decode(): v.decode() for k, v in raw.items()} for raw in await pipe.execute()]
 
     async def records(self, task_id: str, *, follow: bool = False,
                       block: float = 1.0, after_seq: int = -1) -> AsyncGenerator[Record, None]:
@@ -258,20 +265,39 @@ class AsyncClient:
     async def executor(self, executor: str) -> dict[str, Any] | None:
         return next((e for e in await self.executors() if e["id"] == executor), None)
 
-    async def task(self, task_id: str) -> dict[str, Any] | None:
-        """A task's state (typed), its message while queued or running, and its done record
-        once finished; None for an id nobody knows (or whose state has expired)."""
+    async def task(self, task_id: str, *, lines: int = 0) -> dict[str, Any] | None:
+        """A task's state (typed) and its done record once finished; with `lines`, also its
+        last lines of stdout and stderr (`stdout_last`, `stderr_last`), read in the same
+        pass. None for an id nobody knows (or whose state has expired)."""
         state = await self.state(task_id)
         if not state:
             return None
         out = typed_state(task_id, state)
+        done, last = await self._read_back(task_id, lines)
+        if done is not None:
+            out["done"] = done
+        if lines:
+            out.update(last)
+        return out
+
+    async def last_lines(self, task_id: str, lines: int) -> dict[str, list[str]]:
+        """The last `lines` non-blank lines of a task's stdout and stderr, as
+        {"stdout_last": [...], "stderr_last": [...]}."""
+        return (await self._read_back(task_id, lines))[1]
+
+    async def _read_back(self, task_id: str, lines: int) -> tuple[dict[str, Any] | None, dict[str, list[str]]]:
+        """One pass over a task's records: its done record, and the tail of each stream
+        (the last 64 KiB, enough for `lines` lines of any sensible length)."""
         done = None
+        tail = {"stdout": b"", "stderr": b""}
         async for record in self.records(task_id):
             if record.is_done:
-                done = record
-        if done is not None:
-            out["done"] = done.fields
-        return out
+                done = record.fields
+            elif lines and record.msg_type in tail:
+                tail[record.msg_type] = (tail[record.msg_type] + record.payload)[-65536:]
+        last = {f"{kind}_last": [ln for ln in data.decode("utf-8", "replace").splitlines() if ln.strip()][-lines:]
+                if lines else [] for kind, data in tail.items()}
+        return done, last
 
     async def tasks(self, *, status: str | None = None, executor: str | None = None,
                     labels: dict[str, str] | None = None, since: float | None = None,
@@ -335,11 +361,9 @@ class AsyncClient:
         for ident in ids:
             if start and ident < start:
                 continue
-            for raw in await redis.lrange(self.keys.processing(ident), 0, -1):
-                task_id = peek_id(raw)
-                if task_id is None:
-                    continue
-                state = await self.state(task_id)
+            claimed = [(task_id, raw) for raw in await redis.lrange(self.keys.processing(ident), 0, -1)
+                       if (task_id := peek_id(raw)) is not None]
+            for (task_id, raw), state in zip(claimed, await self._states(t for t, _ in claimed), strict=True):
                 row = typed_state(task_id, state or {"status": "running", "executor": ident})
                 row["message"] = _message(raw)
                 rows.append(row)
@@ -362,12 +386,12 @@ class AsyncClient:
         offset = int(start) if start.isdigit() else 0
         members = await self.broker.redis.zrange(self.keys.scheduled, offset, offset + want - 1,
                                                  withscores=True)
+        parked = [(task_id.decode(), raw, due) for member, due in members
+                  for _, task_id, raw in [member.split(b"\0", 2)]]
         rows = []
-        for member, due in members:
-            _, task_id, raw = member.split(b"\0", 2)
-            state = await self.state(task_id.decode())
-            row = typed_state(task_id.decode(), state) if state else {"id": task_id.decode()}
-            row.update(status=state.get("status") if state.get("status") == "retrying" else "scheduled",
+        for (task_id, raw, due), state in zip(parked, await self._states(t for t, _, _ in parked), strict=True):
+            row = typed_state(task_id, state)
+            row.update(status="retrying" if state.get("status") == "retrying" else "scheduled",
                        due=due, message=_message(raw))
             rows.append(row)
         return rows, (str(offset + want) if len(members) == want else None)
@@ -556,9 +580,14 @@ def _labels_match(row: dict[str, Any], labels: dict[str, str] | None) -> bool:
     if not labels:
         return True
     sources = [row.get("message"), row.get("done")]
-    for key, value in labels.items():
-        if not any(isinstance(src, dict) and (
-                str((src.get("labels") or {}).get(key, "")) == value if isinstance(src.get("labels"), dict)
-                and key in src["labels"] else str(src.get(key, "\0")) == value) for src in sources):
-            return False
-    return True
+    return all(any(_label(src, key) == value for src in sources) for key, value in labels.items())
+
+
+def _label(source: Any, key: str) -> str | None:
+    """A label of a message or record: from its `labels` object, else its own field."""
+    if not isinstance(source, dict):
+        return None
+    own = source.get("labels")
+    if isinstance(own, dict) and key in own:
+        return str(own[key])
+    return str(source[key]) if key in source else None

@@ -116,9 +116,11 @@ class Dispatcher:
                 if raws:
                     took = time.perf_counter()
                     await self._place(raws)
-                    await self.broker.redis.hincrbyfloat(
-                        self.keys.dispatch_stats, "place_seconds", (time.perf_counter() - took) * len(raws))
-                    await self.broker.redis.hincrby(self.keys.dispatch_stats, "placed_count", len(raws))
+                    pipe = self.broker.redis.pipeline(transaction=False)  # one round trip
+                    pipe.hincrbyfloat(self.keys.dispatch_stats, "place_seconds",
+                                      (time.perf_counter() - took) * len(raws))
+                    pipe.hincrby(self.keys.dispatch_stats, "placed_count", len(raws))
+                    await pipe.execute()
                 attempt = 0
             except NETWORK_ERRORS as exc:
                 attempt += 1

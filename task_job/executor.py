@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from task_job import __version__
-from task_job.broker import Broker, Oversize
+from task_job.broker import Broker, Oversize, parked_member
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.confine import EnvPolicy, Policy
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
@@ -39,6 +39,7 @@ from task_job.protocol import (
     labels_match,
     parse_control,
     parse_task,
+    with_due,
 )
 from task_job.reaper import MARKER, Reaper
 from task_job.runner import Credentials, Ending, Guard, Run, RunResult
@@ -494,15 +495,13 @@ class Executor:
         now = time.time() + self.fleet.clock_offset
         if task.delay is not None:
             due = now + task.delay
-            obj = orjson.loads(raw)
-            spec = {k: v for k, v in obj["task"].items() if k != "delay"}
-            message = orjson.dumps({**obj, "task": {**spec, "enqueue_at": due}})
+            message = with_due(orjson.loads(raw), due)
         else:
             assert task.enqueue_at is not None
             due, message = task.enqueue_at, raw
             if due <= now:
                 return False
-        member = self._queue_for(task).encode() + b"\0" + task.id.encode() + b"\0" + message
+        member = parked_member(self._queue_for(task), task.id, message)
         await self.broker.call("park", [self.keys.processing(self.id), self.keys.scheduled,
                                         self.keys.scheduled_ids], [raw, member, repr(due), task.id])
         log.info("task parked until its time", extra={"task_id": task.id, "due": due})

@@ -307,6 +307,13 @@ def _retry_on(given: tuple[str, ...], spec: dict[str, Any], on_lost: str) -> tup
     return ("failed", "timeout")
 
 
+def with_due(message: dict[str, Any], due: float) -> bytes:
+    """A task message with its `task.delay` fixed into `task.enqueue_at`, so that a task
+    parked once for its delay is not parked again when it comes back due."""
+    spec = {k: v for k, v in message["task"].items() if k != "delay"}
+    return orjson.dumps({**message, "task": {**spec, "enqueue_at": due}})
+
+
 def parse_time(value: Any, task_id: str | None = None) -> float:
     """task.enqueue_at: unix seconds, or RFC 3339 with a zone ("2026-11-25T10:00:00Z",
     "...+08:00"); a time without a zone is refused (whose clock would it be?)."""

@@ -22,6 +22,7 @@ from task_job.broker import (
     Broker,
     Oversize,
     claim_ref,
+    parked_member,
 )
 from task_job.files import DiskErrors
 from task_job.protocol import (
@@ -179,7 +180,7 @@ class RedisSink:
         record = build_retry_record(stream.head, outcome, seq, time.time(), attempt, due)
         if self.tee is not None:
             self.tee.add(record)
-        member = queue.encode() + b"\0" + stream.head.id.encode() + b"\0" + raw
+        member = parked_member(queue, stream.head.id, raw)
         exit_code = "" if outcome.exit_code is None else str(outcome.exit_code)
         args = [self.executor, seq, record, claim_ref(raw), member, repr(due), stream.head.id,
                 outcome.status.value, exit_code, cfg.task_log_ttl, cfg.task_log_max_records,

@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from task_job.config import ApiToken, Config
+from task_job.embedded import free_port
 
 from .conftest import wait_until
 
@@ -35,12 +36,6 @@ def api_tokens() -> tuple[ApiToken, ...]:
     return tuple(ApiToken(name, hashlib.sha256(_secret(name).encode()).hexdigest(), scopes,
                           ("teamA/*",) if name == "teamA" else ())
                  for name, scopes in TOKENS.items())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def auth(name: str) -> dict[str, str]:

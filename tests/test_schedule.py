@@ -36,6 +36,14 @@ def three(make_config: Callable[..., Config], spawn_executor: Any, tmp_path: Pat
     return config
 
 
+@pytest.fixture
+def flaky(cmd_dir: Path) -> Path:
+    """A script that always fails with exit status 3."""
+    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
+    (cmd_dir / "flaky.sh").chmod(0o755)
+    return cmd_dir / "flaky.sh"
+
+
 async def _registered(r: redis.Redis, config: Config) -> None:
     keys = Keys.for_config(config)
     await wait_until(lambda: r.zcard(keys.executors) == 3, 60, what="three executors")
@@ -98,9 +106,7 @@ def test_enqueue_at_takes_rfc3339_with_a_zone_or_unix_seconds() -> None:
 
 
 async def test_retries_back_off_then_end_in_one_done_record(three: Config, sync_redis: redis.Redis,
-                                                            cmd_dir: Path) -> None:
-    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
-    (cmd_dir / "flaky.sh").chmod(0o755)
+                                                            flaky: Path) -> None:
     await _registered(sync_redis, three)
     task_id = uuid.uuid4().hex
     sync_redis.rpush(three.queue_name, orjson.dumps({"id": task_id, "task": {
@@ -121,9 +127,7 @@ async def test_retries_back_off_then_end_in_one_done_record(three: Config, sync_
 
 
 async def test_a_kill_during_back_off_ends_the_retrying(three: Config, sync_redis: redis.Redis,
-                                                        cmd_dir: Path) -> None:
-    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
-    (cmd_dir / "flaky.sh").chmod(0o755)
+                                                        flaky: Path) -> None:
     await _registered(sync_redis, three)
     async with AsyncClient(three) as client:
         task_id = uuid.uuid4().hex
@@ -141,9 +145,7 @@ async def test_a_kill_during_back_off_ends_the_retrying(three: Config, sync_redi
 
 
 async def test_on_lost_requeue_with_retries_keeps_its_older_meaning(three: Config, sync_redis: redis.Redis,
-                                                                    cmd_dir: Path) -> None:
-    (cmd_dir / "flaky.sh").write_text("#!/bin/sh\nexit 3\n")
-    (cmd_dir / "flaky.sh").chmod(0o755)
+                                                                    flaky: Path) -> None:
     await _registered(sync_redis, three)
     task_id = uuid.uuid4().hex
     sync_redis.rpush(three.queue_name, orjson.dumps({"id": task_id, "task": {

@@ -244,14 +244,9 @@ def _admit(service: Service, principal: Principal, task: Task) -> None:
 
 async def _result(client: AsyncClient, task_id: str, done: dict[str, Any]) -> dict[str, Any]:
     """The done record with the last stdout and stderr lines (celery-service's sync mode)."""
-    last = {"stdout": b"", "stderr": b""}
-    async for record in client.records(task_id):
-        if record.msg_type in last:
-            last[record.msg_type] = (last[record.msg_type] + record.payload)[-65536:]
-    lines = {kind: next((ln for ln in reversed(data.decode("utf-8", "replace").splitlines())
-                         if ln.strip()), "") for kind, data in last.items()}
-    return {"status": done.get("status"), "done": done, "stdout_last": lines["stdout"],
-            "stderr_last": lines["stderr"]}
+    last = await client.last_lines(task_id, 1)
+    return {"status": done.get("status"), "done": done,
+            "stdout_last": (last["stdout_last"] or [""])[0], "stderr_last": (last["stderr_last"] or [""])[0]}
 
 
 @scope("read")

@@ -28,12 +28,7 @@
 -- Returns 1 if the done record was written, 0 if the task was settled elsewhere already
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
 --!include lib_unclaim.lua
--- A group's lease goes back, and the first task waiting for one goes to the head of its queue.
-local function release(lease, waiting, queue, id)
-  if redis.call('SREM', lease, id) == 1 and redis.call('LLEN', waiting) > 0 then
-    redis.call('LMOVE', waiting, queue, 'LEFT', 'LEFT')
-  end
-end
+--!include lib_group.lua
 
 local function cap(key, n)
   n = tonumber(n)

@@ -7,13 +7,13 @@
 --                         cancelled when claimed; the mark expires after ARGV[2]
 --   'finished', status    nothing to do
 --   'parked', message     it was waiting for its time: removed (the caller writes its done record)
+--!include lib_parked.lua
 if KEYS[2] then
   local member = redis.call('HGET', KEYS[3], ARGV[3])
   if member and redis.call('ZREM', KEYS[2], member) == 1 then
     redis.call('HDEL', KEYS[3], ARGV[3])
-    local a = string.find(member, '\0', 1, true)
-    local b = string.find(member, '\0', a + 1, true)
-    return {'parked', string.sub(member, b + 1)}
+    local _, _, message = parked(member)
+    return {'parked', message}
   end
 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'executor')

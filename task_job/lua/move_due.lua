@@ -5,6 +5,7 @@
 -- ARGV[1]  most tasks to move in this call
 -- Returns {moved, seconds until the next due task (-1: none)}.
 -- The queues named in the members are the fleet's own lists (Q, Q_dispatch, {Q}:inbox:*).
+--!include lib_parked.lua
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
@@ -12,13 +13,11 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumb
 -- and each queue gets its messages (in due order) by RPUSHes of up to 1,000 values.
 local by_queue, order, ids = {}, {}, {}
 for _, member in ipairs(due) do
-  local a = string.find(member, '\0', 1, true)
-  local b = string.find(member, '\0', a + 1, true)
-  local queue = string.sub(member, 1, a - 1)
+  local queue, id, message = parked(member)
   if not by_queue[queue] then by_queue[queue] = {}; order[#order + 1] = queue end
   local list = by_queue[queue]
-  list[#list + 1] = string.sub(member, b + 1)
-  ids[#ids + 1] = string.sub(member, a + 1, b - 1)
+  list[#list + 1] = message
+  ids[#ids + 1] = id
 end
 local function chunks(values, fn)
   for i = 1, #values, 1000 do fn(unpack(values, i, math.min(i + 999, #values))) end

@@ -7,12 +7,11 @@
 --          (the lease goes back: the requeued run takes one again when claimed)
 -- Only while that executor still owns the running task; the attempt count stays, and
 -- begin raises it when the task is claimed again.
+--!include lib_group.lua
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor')
 if st[1] ~= 'running' or st[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[3], 'status', 'requeued')
 redis.call('LREM', KEYS[1], 1, ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[1])
-if KEYS[4] and redis.call('SREM', KEYS[4], ARGV[3]) == 1 and redis.call('LLEN', KEYS[5]) > 0 then
-  redis.call('LMOVE', KEYS[5], KEYS[2], 'LEFT', 'RIGHT')
-end
+if KEYS[4] then release(KEYS[4], KEYS[5], KEYS[2], ARGV[3]) end
 return 1

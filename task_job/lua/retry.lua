@@ -11,12 +11,7 @@
 --          goes back while it waits for its next attempt)
 -- Returns 1, or 0 when the task is no longer this executor's (taken over, settled).
 --!include lib_unclaim.lua
--- A group's lease goes back, and the first task waiting for one goes to the head of its queue.
-local function release(lease, waiting, queue, id)
-  if redis.call('SREM', lease, id) == 1 and redis.call('LLEN', waiting) > 0 then
-    redis.call('LMOVE', waiting, queue, 'LEFT', 'LEFT')
-  end
-end
+--!include lib_group.lua
 
 local st = redis.call('HMGET', KEYS[3], 'status', 'executor', 'seq')
 if st[1] and (st[1] ~= 'running' or st[2] ~= ARGV[1]) then return 0 end
