@@ -11,7 +11,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -86,7 +86,7 @@ MOVE_INTERVAL = 0.25  # seconds between looks for due tasks (a due task is queue
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
                 "heartbeat", "takeover", "adopt", "requeue_dead", "submit", "place",
-                "dispatcher_beat", "reroute", "move_due", "park", "retry")
+                "dispatcher_beat", "reroute", "move_due", "park", "retry", "fire")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +128,20 @@ class Keys:
     def group_keys(self, group: str) -> list[str]:
         """The lease set and waiting list of a limited group."""
         return [f"{self.tag}:group:{group}:running", f"{self.tag}:group:{group}:waiting"]
+
+    @property
+    def schedules(self) -> str:
+        """Hash: schedule name -> its definition (JSON)."""
+        return f"{self.tag}:schedules"
+
+    @property
+    def schedule_due(self) -> str:
+        """Zset: schedule name -> its next tick (unix seconds); paused ones are absent."""
+        return f"{self.tag}:schedule_due"
+
+    def schedule(self, name: str) -> str:
+        """A schedule's state: active and last instance, last_run, paused, counts."""
+        return f"{self.tag}:schedule:{name}"
 
     @property
     def scheduled_ids(self) -> str:
@@ -598,19 +612,26 @@ class Broker:
             raise BrokerError(f"redis at {where} is {'.'.join(map(str, version))}; "
                               "task-job needs 6.2 or newer (BLMOVE)")
 
-    async def move_due_forever(self) -> None:
+    async def move_due_forever(self, fire: Callable[[], Awaitable[None]] | None = None) -> None:
         """Move parked tasks that are due onto their queues (any number of movers, in
         executors and dispatchers: each task moves once); looks again within MOVE_INTERVAL,
-        sooner when a task is due sooner, at once while many are due."""
+        sooner when a task is due sooner, at once while many are due. With `fire`, the same
+        look tells when a schedule is due, and `fire` fires it (task_job.schedule)."""
         keys = [self.keys.scheduled, self.keys.scheduled_ids]
+        if fire is not None:
+            keys.append(self.keys.schedule_due)
         while True:
             try:
                 async with self.deadline():
-                    moved, wait = await self.call("move_due", keys, [MOVE_BATCH])
+                    moved, wait, schedules = await self.call("move_due", keys, [MOVE_BATCH])
+                if fire is not None and float(schedules) == 0:
+                    async with self.deadline(self.config.redis_timeout):
+                        await fire()
+                    continue
                 if int(moved) >= MOVE_BATCH:
                     continue
-                wait = float(wait)
-                await asyncio.sleep(MOVE_INTERVAL if wait < 0 else min(max(wait, 0.001), MOVE_INTERVAL))
+                waits = [float(w) for w in (wait, schedules) if float(w) >= 0]
+                await asyncio.sleep(min([MOVE_INTERVAL, *[max(w, 0.001) for w in waits]]))
             except (RedisConnectionError, RedisTimeoutError, OSError, BrokerError):
                 await asyncio.sleep(1.0)  # the claim loop reports outages
             except Exception:  # e.g. OOM: a background loop logs and goes on

@@ -681,6 +681,143 @@ cli.command("drain")(_drain_command(resume=False))
 cli.command("resume")(_drain_command(resume=True))
 
 
+@cli.group()
+def schedule() -> None:
+    """Cron and interval schedules, stored in Redis and fired once per tick by the fleet."""
+
+
+def _scheduler_command(go_with: Any, config: Config) -> None:
+    async def go() -> int:
+        from task_job.client import AsyncClient
+
+        async with AsyncClient(config) as client:
+            return int(await go_with(client))
+
+    sys.exit(_run_client(go, config))
+
+
+@schedule.command("add")
+@config_option
+@redis_option
+@queue_option
+@click.argument("name")
+@click.option("--cron", "cron", metavar="EXPR", help="Five fields, or six with leading seconds.")
+@click.option("--every", type=int, metavar="S", help="Every S seconds (ticks at multiples of S).")
+@click.option("--timezone", default="UTC", show_default=True, metavar="ZONE", help="The cron's zone.")
+@click.option("--overlap", type=click.Choice(["allow", "skip", "replace"]), default="skip",
+              show_default=True, help="When the last instance still runs at a tick.")
+@click.option("--catch-up", "catch_up", type=click.Choice(["skip", "one", "all"]), default="skip",
+              show_default=True, help="Ticks missed while no executor ran.")
+@click.option("--catch-up-window", type=float, default=86400.0, show_default=True, metavar="S",
+              help="Missed ticks older than S seconds are not caught up.")
+@click.option("--jitter", type=float, default=0.0, metavar="S", help="Start each instance up to S seconds late.")
+@click.option("--timeout", type=float, metavar="S", help="Kill each instance after S seconds.")
+@click.option("--env", "env_pairs", multiple=True, metavar="K=V", help="Extra environment.")
+@click.option("--cwd", metavar="DIR", help="Working directory inside cmd_dir.")
+@click.option("--executor", metavar="ID", help="Run it on this executor only.")
+@click.option("--label", "label_pairs", multiple=True, metavar="K=V", help="Placement selector.")
+@click.option("--replace", is_flag=True, help="Redefine an existing schedule of this name.")
+@click.argument("command", nargs=-1, required=True)
+def schedule_add(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+                 name: str, cron: str | None, every: int | None, timezone: str, overlap: str,
+                 catch_up: str, catch_up_window: float, jitter: float, timeout: float | None,
+                 env_pairs: tuple[str, ...], cwd: str | None, executor: str | None,
+                 label_pairs: tuple[str, ...], replace: bool, command: tuple[str, ...]) -> None:
+    """Add a schedule: task-job schedule add NAME --every 60 -- CMD [ARGS...]"""
+    import shlex
+
+    from task_job.protocol import build_task
+    from task_job.schedule import parse_schedule
+
+    config = _client_config(config_path, redis_addr, queue_name)
+    task = orjson.loads(build_task("x", shlex.quote(command[0]), list(command[1:]), type=None,
+                                   timeout=timeout, env=_parse_env(env_pairs) or None, cwd=cwd,
+                                   executor=executor,
+                                   labels=_parse_env(label_pairs, "--label") or None))["task"]
+    spec = {"name": name, "cron": cron, "every": every, "timezone": timezone, "overlap": overlap,
+            "catch_up": catch_up, "catch_up_window": catch_up_window, "jitter": jitter, "task": task}
+    try:
+        parsed = parse_schedule({k: v for k, v in spec.items() if v is not None}, source="cli")
+    except ProtocolError as exc:
+        fail(exc.reason)
+
+    async def go(client: Any) -> int:
+        if not await client.scheduler.put(parsed, replace=replace):
+            click.echo(f"task-job: schedule {name!r} exists (--replace redefines it)", err=True)
+            return 1
+        row = await client.scheduler.row(parsed)
+        click.echo(f"schedule {name} added; next run {_when(row['next_run'])}")
+        return 0
+
+    _scheduler_command(go, config)
+
+
+@schedule.command("list")
+@config_option
+@redis_option
+@queue_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedule_list(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+                  as_json: bool) -> None:
+    """Every schedule: when, what, next and last run, last status, where it came from."""
+    config = _client_config(config_path, redis_addr, queue_name)
+
+    async def go(client: Any) -> int:
+        rows = await client.scheduler.listing()
+        if as_json:
+            click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+            return 0
+        click.echo(f"{'NAME':<20} {'WHEN':<18} {'NEXT RUN':<21} {'LAST RUN':<21} {'LAST':<10} SOURCE")
+        for r in rows:
+            if "error" in r:
+                click.echo(f"{r['name']!s:<20} error: {r['error']}")
+                continue
+            when = f"cron {r['cron']}" if r.get("cron") else f"every {r['every']}s"
+            nxt = "paused" if r["paused"] else _when(r["next_run"])
+            click.echo(f"{r['name']:<20} {when:<18} {nxt:<21} {_when(r['last_run']):<21} "
+                       f"{r['last_status'] or '-':<10} {r.get('source') or '-'}")
+        return 0
+
+    _scheduler_command(go, config)
+
+
+def _schedule_action(action: str) -> Any:
+    @config_option
+    @redis_option
+    @queue_option
+    @click.argument("name")
+    def command(config_path: str | None, redis_addr: str | None, queue_name: str | None,
+                name: str) -> None:
+        config = _client_config(config_path, redis_addr, queue_name)
+
+        async def go(client: Any) -> int:
+            sched = client.scheduler
+            if action == "run-now":
+                instance = await sched.run_now(name)
+                done = instance is not None
+            elif action == "remove":
+                done = await sched.remove(name)
+            else:
+                done = await sched.pause(name, paused=action == "pause")
+            if not done:
+                click.echo(f"task-job: no schedule {name!r} (task-job schedule list)", err=True)
+                return 1
+            click.echo(instance if action == "run-now" else f"schedule {name}: {action}d")
+            return 0
+
+        _scheduler_command(go, config)
+
+    command.__doc__ = {"remove": "Remove a schedule (its running instance runs on).",
+                       "pause": "Stop a schedule firing until resumed.",
+                       "resume": "Fire a paused schedule again, from its next tick.",
+                       "run-now": "Fire one instance now (id NAME:run-<ms>), outside the ticks."}[action]
+    return command
+
+
+for _action in ("remove", "pause", "resume", "run-now"):
+    schedule.command(_action)(_schedule_action(_action))
+
+
 @cli.command("check-config")
 @click.argument("path", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:

@@ -28,6 +28,7 @@ from task_job.protocol import (
     peek_id,
     with_due,
 )
+from task_job.schedule import Scheduler
 
 FINISHED = tuple(s.value for s in Status)
 TASK_STATUSES = ("queued", "scheduled", "unroutable", "running", *FINISHED)
@@ -55,6 +56,7 @@ class AsyncClient:
         self.keys = self.broker.keys
         self._pushes: list[tuple[str, bytes, str, float | None, asyncio.Future[Any]]] = []
         self._flusher: asyncio.Future[None] | None = None
+        self.scheduler = Scheduler(self.broker, state_ttl=config.task_ttl)  # schedules in Redis
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -13,13 +13,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
 from task_job.errors import ConfigError
 from task_job.limits import ENFORCED, parse_limits
+
+if TYPE_CHECKING:
+    from task_job.schedule import Schedule
 
 ENV_PREFIX = "TASK_JOB_"
 # TASK_JOB_* variables that are not settings: a task's own marker (a task may run task-job
@@ -46,6 +49,27 @@ class ApiToken:
     sha256: str = field(repr=False)
     scopes: tuple[str, ...] = ("read",)
     allow: tuple[str, ...] = ()
+
+
+def _schedules(value: Any) -> tuple[Schedule, ...]:
+    """`[{"name", "cron" | "every", "task", ...}]` -> Schedules, each checked (errors name it)."""
+    from task_job.errors import ProtocolError
+    from task_job.schedule import parse_schedule
+
+    if isinstance(value, str):
+        value = orjson.loads(value)
+    if not isinstance(value, list):
+        raise ConfigError("schedules: expected a list of {name, cron or every, task, ...}")
+    out: list[Schedule] = []
+    for i, entry in enumerate(value):
+        try:
+            out.append(parse_schedule(entry, f"schedules[{i}]", source="config"))
+        except ProtocolError as exc:
+            raise ConfigError(exc.reason) from None
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"schedules: name {next(n for n in names if names.count(n) > 1)!r} twice")
+    return tuple(out)
 
 
 def parse_api_tokens(value: Any, where: str = "api_tokens") -> tuple[ApiToken, ...]:
@@ -156,6 +180,8 @@ class Config:
     block_on: str = "auto"  # the list a claim waits on: auto, shared, inbox
     # Scheduling (docs/protocol.md): fleet-wide concurrency of task.group.
     groups: dict[str, int] = field(default_factory=dict)  # {"deploy": {"parallel": 2}} in JSON
+    schedules: tuple[Schedule, ...] = ()  # cron and interval schedules, written to Redis at start
+    depends_timeout: float = 86400.0  # the longest a task waits for its depends_on
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -190,6 +216,8 @@ class Config:
                 value = {k: "***" for k in value}
             elif f.name == "groups":
                 value = {g: {"parallel": n} for g, n in value.items()}
+            elif f.name == "schedules":
+                value = [orjson.loads(s.to_json()) for s in value]
             elif f.name == "api_tokens":
                 value = [{"name": t.name, "sha256": "***", "scopes": list(t.scopes),
                           "allow": list(t.allow)} for t in value]
@@ -299,6 +327,8 @@ def _coerce(name: str, value: Any, from_env: bool) -> Any:
             return float(value)
         if name == "api_tokens":
             return parse_api_tokens(value, where)
+        if name == "schedules":
+            return _schedules(value)
         if name == "groups":
             if isinstance(value, str):
                 value = orjson.loads(value)

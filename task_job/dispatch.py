@@ -22,6 +22,7 @@ from task_job.config import Config
 from task_job.errors import ProtocolError
 from task_job.fleet import NETWORK_ERRORS, backoff
 from task_job.protocol import Outcome, RecordHead, Status, build_dead_entry, parse_task, peek_id
+from task_job.schedule import Scheduler
 from task_job.sinks import RedisSink
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Dispatcher:
         self._candidates_at = 0.0
         self.placed = 0
         self.unroutable = 0
+        self.scheduler = Scheduler(self.broker, dispatched=lambda: True, state_ttl=config.task_ttl)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -67,7 +69,7 @@ class Dispatcher:
                 sink = tg.create_task(self.sink.run())
                 background = [tg.create_task(self._beat_loop()),
                               tg.create_task(self._maintenance_loop()),
-                              tg.create_task(self.broker.move_due_forever())]
+                              tg.create_task(self.broker.move_due_forever(self.scheduler.fire_due))]
                 await self._place_loop()
                 for task in background:
                     task.cancel()

@@ -43,6 +43,7 @@ from task_job.protocol import (
 )
 from task_job.reaper import MARKER, Reaper
 from task_job.runner import Credentials, Ending, Guard, Run, RunResult
+from task_job.schedule import Scheduler
 from task_job.sinks import RedisSink, TaskStream
 from task_job.spawner import Spawner, interpreter_for
 from task_job.stats import Stats
@@ -164,6 +165,8 @@ class Executor:
         self.stats = Stats()
         self.api: Any = None  # api.serve.ApiServer when server_port or server_socket is set
         self.group_limits: dict[str, int] = dict(config.groups)  # fleet-wide, from Redis
+        self.scheduler = Scheduler(self.broker, dispatched=lambda: self.fleet.dispatched,
+                                   state_ttl=config.task_ttl)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -203,6 +206,8 @@ class Executor:
         async with self.broker.deadline():
             await self.fleet.register()
             await self._publish_groups()
+            for schedule in cfg.schedules:  # by name; the last writer wins (with a warning)
+                await self.scheduler.put(dataclasses.replace(schedule, source=f"config of {self.id}"))
         self.fleet.group_keys_for = self.group_keys_for
         self.fleet.on_beat = self.refresh_groups
         self.link.up("start")
@@ -230,7 +235,7 @@ class Executor:
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop()),
-                              tg.create_task(self.broker.move_due_forever()),
+                              tg.create_task(self.broker.move_due_forever(self.scheduler.fire_due)),
                               tg.create_task(self.reaper.loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))

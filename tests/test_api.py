@@ -22,7 +22,7 @@ import redis
 from task_job.config import ApiToken, Config
 from task_job.embedded import free_port
 
-from .conftest import wait_until
+from .conftest import wait_done, wait_until
 
 TOKENS = {"reader": ("read",), "submitter": ("submit",), "killer": ("kill", "read"),
           "admin": ("admin",), "teamA": ("submit", "read")}
@@ -121,6 +121,8 @@ async def test_bad_bodies_and_unknown_ids_get_clear_errors(api: Any) -> None:
     ("GET", "/metrics", "read"), ("GET", "/readyz", "read"),
     ("POST", "/api/v1/tasks", "submit"), ("POST", "/api/v1/tasks/x/kill", "kill"),
     ("POST", "/api/v1/executors/x/drain", "admin"), ("POST", "/api/v1/dead/" + "0" * 40 + "/requeue", "admin"),
+    ("GET", "/api/v1/schedules", "read"), ("POST", "/api/v1/schedules/x/pause", "admin"),
+    ("DELETE", "/api/v1/schedules/x", "admin"),
 ])
 async def test_each_scope_is_required_and_enough(api: Any, method: str, path: str, scope: str) -> None:
     client, _, _ = api
@@ -308,6 +310,37 @@ async def test_events_stream_task_changes(api: Any) -> None:
                     if event["status"] != "running":
                         break
     assert statuses == ["running", "succeeded"]
+
+
+async def test_schedules_added_listed_run_paused_and_removed(api: Any, sync_redis: redis.Redis) -> None:
+    client, config, _ = api
+    spec = {"name": "hourly", "cron": "0 * * * *", "timezone": "Europe/Berlin",
+            "task": {"cmdline": "hello.sh", "cmd_args": ["sched"]}}
+    status, body = await client.call("POST", "/api/v1/schedules", "submitter", json=spec)
+    assert status == 403  # a schedule runs unattended: admin only
+    status, row = await client.call("POST", "/api/v1/schedules", "admin", json={**spec, "source": "forged"})
+    assert status == 201 and row["next_run"] % 3600 == 0 and row["source"] == "token:admin", row
+    status, body = await client.call("POST", "/api/v1/schedules", "admin", json=spec)
+    assert status == 409 and body["error"]["field"] == "name"
+    status, body = await client.call("POST", "/api/v1/schedules", "admin", json={**spec, "cron": "0 25 * * *"})
+    assert status == 400 and "cron" in body["error"]["message"]
+    status, body = await client.call("POST", "/api/v1/schedules?replace=1", "admin", json={**spec, "every": 3600, "cron": None})
+    assert status == 201 and body["every"] == 3600
+    status, run = await client.call("POST", "/api/v1/schedules/hourly/run", "admin")
+    assert status == 202 and run["id"].startswith("hourly:run-")
+    done = await wait_done(sync_redis, config, run["id"], timeout=20)
+    assert done.fields["status"] == "succeeded" and done.fields["submitted_by"] == "schedule:hourly"
+    status, row = await client.call("GET", "/api/v1/schedules/hourly", "reader")
+    assert status == 200 and row["last_id"] == run["id"] and row["last_status"] == "succeeded"
+    status, row = await client.call("POST", "/api/v1/schedules/hourly/pause", "admin")
+    assert status == 200 and row["paused"] and row["next_run"] is None
+    status, row = await client.call("POST", "/api/v1/schedules/hourly/resume", "admin")
+    assert status == 200 and not row["paused"] and row["next_run"] % 3600 == 0
+    status, listing = await client.call("GET", "/api/v1/schedules", "reader")
+    assert [r["name"] for r in listing["schedules"]] == ["hourly"]
+    assert (await client.call("DELETE", "/api/v1/schedules/hourly", "admin"))[0] == 200
+    assert (await client.call("GET", "/api/v1/schedules/hourly", "reader"))[0] == 404
+    assert (await client.call("POST", "/api/v1/schedules/hourly/run", "admin"))[0] == 404
 
 
 async def test_openapi_description_matches_the_routes(api: Any) -> None:

@@ -441,6 +441,86 @@ async def requeue(request: web.Request) -> web.Response:
     return json({"id": dead_id, "requeued": True}, 202)
 
 
+# -- schedules (docs/protocol.md, Schedules) -------------------------------------------------
+
+@scope("read")
+async def list_schedules(request: web.Request) -> web.Response:
+    return json({"schedules": await request.app[SERVICE].client.scheduler.listing()})
+
+
+@scope("admin")
+async def add_schedule(request: web.Request) -> web.Response:
+    """A schedule runs its task on every tick, unattended: admin scope."""
+    from task_job.schedule import parse_schedule
+
+    service = request.app[SERVICE]
+    body = await _body(request)
+    body.pop("source", None)  # set here, from the token
+    try:
+        schedule = parse_schedule(body, source=who(request))
+    except ProtocolError as exc:
+        raise ApiError(400, "invalid", exc.reason, field_of(exc.reason)) from exc
+    replace = request.query.get("replace", "") in ("1", "true", "yes")
+    if not await service.client.scheduler.put(schedule, replace=replace):
+        raise ApiError(409, "conflict", f"schedule {schedule.name!r} exists (?replace=1 redefines it)", "name")
+    log.info("schedule added", extra={"schedule": schedule.name, "by": who(request)})
+    return json(await service.client.scheduler.row(schedule), 201)
+
+
+async def _schedule(request: web.Request) -> Any:
+    from task_job.errors import ProtocolError as Bad
+
+    name = request.match_info["name"]
+    try:
+        schedule = await request.app[SERVICE].client.scheduler.get(name)
+    except Bad as exc:
+        raise ApiError(409, "unreadable", exc.reason) from exc
+    if schedule is None:
+        raise ApiError(404, "not_found", f"no schedule {name!r}")
+    return schedule
+
+
+@scope("read")
+async def get_schedule(request: web.Request) -> web.Response:
+    return json(await request.app[SERVICE].client.scheduler.row(await _schedule(request)))
+
+
+@scope("admin")
+async def remove_schedule(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if not await request.app[SERVICE].client.scheduler.remove(name):
+        raise ApiError(404, "not_found", f"no schedule {name!r}")
+    log.info("schedule removed", extra={"schedule": name, "by": who(request)})
+    return json({"name": name, "removed": True})
+
+
+async def _pause(request: web.Request, paused: bool) -> web.Response:
+    scheduler = request.app[SERVICE].client.scheduler
+    schedule = await _schedule(request)
+    await scheduler.pause(schedule.name, paused=paused)
+    log.info("schedule paused" if paused else "schedule resumed",
+             extra={"schedule": schedule.name, "by": who(request)})
+    return json(await scheduler.row(schedule))
+
+
+@scope("admin")
+async def pause_schedule(request: web.Request) -> web.Response:
+    return await _pause(request, True)
+
+
+@scope("admin")
+async def resume_schedule(request: web.Request) -> web.Response:
+    return await _pause(request, False)
+
+
+@scope("admin")
+async def run_schedule(request: web.Request) -> web.Response:
+    schedule = await _schedule(request)
+    instance = await request.app[SERVICE].client.scheduler.run_now(schedule.name)
+    log.info("schedule run now", extra={"schedule": schedule.name, "task_id": instance, "by": who(request)})
+    return json({"name": schedule.name, "id": instance, "status": "queued"}, 202)
+
+
 @scope("metrics")
 async def metrics(request: web.Request) -> web.Response:
     from task_job.api.metrics import render
@@ -477,6 +557,13 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/api/v1/queues", queues),
     ("GET", "/api/v1/dead", dead),
     ("POST", "/api/v1/dead/{id}/requeue", requeue),
+    ("GET", "/api/v1/schedules", list_schedules),
+    ("POST", "/api/v1/schedules", add_schedule),
+    ("GET", "/api/v1/schedules/{name}", get_schedule),
+    ("DELETE", "/api/v1/schedules/{name}", remove_schedule),
+    ("POST", "/api/v1/schedules/{name}/pause", pause_schedule),
+    ("POST", "/api/v1/schedules/{name}/resume", resume_schedule),
+    ("POST", "/api/v1/schedules/{name}/run", run_schedule),
     ("GET", "/api/v1/openapi.json", openapi),
 ]
 

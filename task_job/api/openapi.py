@@ -10,7 +10,7 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}}}}
 _OBJ: dict[str, Any] = {"type": "object"}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
-_TASK_MESSAGE = {
+_TASK_MESSAGE: dict[str, Any] = {
     "type": "object", "required": ["task"],
     "description": "The queue's task message (docs/protocol.md); `id` is made when absent.",
     "properties": {
@@ -21,6 +21,18 @@ _TASK_MESSAGE = {
             "cwd": {"type": "string"}, "stdin": {"type": "string"}, "max_output": {"type": "integer"},
             "on_lost": {"type": "string", "enum": ["fail", "requeue"]}, "retries": {"type": "integer"},
             "limits": {"type": "object"}, "user": {"type": "string"}}}}}
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+_SCHEDULE = {
+    "type": "object", "required": ["name", "task"],
+    "description": "A schedule (docs/protocol.md, Schedules): exactly one of cron and every.",
+    "properties": {
+        "name": {"type": "string"}, "cron": {"type": "string"}, "every": {"type": "integer", "minimum": 1},
+        "timezone": {"type": "string"}, "task": _TASK_MESSAGE["properties"]["task"],
+        "overlap": {"type": "string", "enum": ["allow", "skip", "replace"]},
+        "catch_up": {"type": "string", "enum": ["skip", "one", "all"]},
+        "catch_up_window": {"type": "number", "minimum": 0}, "jitter": {"type": "number", "minimum": 0},
+        "misfire_grace": {"type": "number", "minimum": 0}}}
 
 
 def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
@@ -84,6 +96,20 @@ PATHS: dict[str, dict[str, Any]] = {
         _query("cursor", {"type": "string"}), _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})])},
     "/api/v1/dead/{id}/requeue": {"post": _op("Requeue a dead letter", "admin", "202",
                                               params=[_ID], errors=("400", "404", "409"))},
+    "/api/v1/schedules": {
+        "get": _op("Every schedule with next_run, last_run, last_status", "read"),
+        "post": _op("Add a schedule (?replace=1 redefines one)", "admin", "201",
+                    params=[_query("replace", {"type": "string", "enum": ["0", "1"]})],
+                    body=_SCHEDULE, errors=("400", "409"))},
+    "/api/v1/schedules/{name}": {
+        "get": _op("One schedule", "read", params=[_NAME], errors=("404", "409")),
+        "delete": _op("Remove a schedule", "admin", params=[_NAME], errors=("404",))},
+    "/api/v1/schedules/{name}/pause": {"post": _op("Pause a schedule", "admin", params=[_NAME],
+                                                   errors=("404", "409"))},
+    "/api/v1/schedules/{name}/resume": {"post": _op("Resume a schedule from its next tick", "admin",
+                                                    params=[_NAME], errors=("404", "409"))},
+    "/api/v1/schedules/{name}/run": {"post": _op("Fire one instance now", "admin", "202",
+                                                 params=[_NAME], errors=("404", "409"))},
     "/api/v1/openapi.json": {"get": _op("This description", "read")},
 }
 

@@ -2,8 +2,10 @@
 -- many movers run: the move and the removal are one step). Due is judged by Redis' clock.
 -- KEYS[1]  {Q}:scheduled (score: due, unix seconds; member: queue \0 id \0 message)
 -- KEYS[2]  {Q}:scheduled_ids (id -> member: how a kill finds a parked task)
+-- KEYS[3]  {Q}:schedule_due (optional): the schedules' next ticks
 -- ARGV[1]  most tasks to move in this call
--- Returns {moved, seconds until the next due task (-1: none)}.
+-- Returns {moved, seconds until the next due task (-1: none), seconds until the next
+-- schedule tick (0: one is due now; -1: none, or KEYS[3] not given)}.
 -- The queues named in the members are the fleet's own lists (Q, Q_dispatch, {Q}:inbox:*).
 --!include lib_parked.lua
 local t = redis.call('TIME')
@@ -27,6 +29,11 @@ for _, queue in ipairs(order) do
 end
 chunks(ids, function(...) redis.call('HDEL', KEYS[2], ...) end)
 if #due > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #due - 1) end
+local tick = '-1'
+if KEYS[3] then
+  local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+  if first[2] then tick = tostring(math.max(tonumber(first[2]) - now, 0)) end
+end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if next_due[2] then return {#due, tostring(tonumber(next_due[2]) - now)} end
-return {#due, '-1'}
+if next_due[2] then return {#due, tostring(tonumber(next_due[2]) - now), tick} end
+return {#due, '-1', tick}
