@@ -86,7 +86,7 @@ MOVE_INTERVAL = 0.25  # seconds between looks for due tasks (a due task is queue
 
 SCRIPT_NAMES = ("begin", "push_records", "finish", "dead_letter", "kill", "unclaim", "requeue",
                 "heartbeat", "takeover", "adopt", "requeue_dead", "submit", "place",
-                "dispatcher_beat", "reroute", "move_due", "park", "retry", "fire")
+                "dispatcher_beat", "reroute", "move_due", "park", "retry", "fire", "hold")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +142,17 @@ class Keys:
     def schedule(self, name: str) -> str:
         """A schedule's state: active and last instance, last_run, paused, counts."""
         return f"{self.tag}:schedule:{name}"
+
+    @property
+    def prefix(self) -> str:
+        """'{Q}:', what scripts that build key names inside (lib_deps.lua) start from."""
+        return f"{self.tag}:"
+
+    @property
+    def waiting(self) -> list[str]:
+        """Tasks waiting for their dependencies: the waiting hash, the zset of when each is
+        cancelled (0: now) and the hash of why (lib_deps.lua)."""
+        return [f"{self.tag}:waiting", f"{self.tag}:waiting_until", f"{self.tag}:waiting_why"]
 
     @property
     def scheduled_ids(self) -> str:
@@ -612,22 +623,27 @@ class Broker:
             raise BrokerError(f"redis at {where} is {'.'.join(map(str, version))}; "
                               "task-job needs 6.2 or newer (BLMOVE)")
 
-    async def move_due_forever(self, fire: Callable[[], Awaitable[None]] | None = None) -> None:
+    async def move_due_forever(self, fire: Callable[[], Awaitable[None]] | None = None,
+                               end_waiting: Callable[[], Awaitable[None]] | None = None) -> None:
         """Move parked tasks that are due onto their queues (any number of movers, in
         executors and dispatchers: each task moves once); looks again within MOVE_INTERVAL,
-        sooner when a task is due sooner, at once while many are due. With `fire`, the same
-        look tells when a schedule is due, and `fire` fires it (task_job.schedule)."""
+        sooner when a task is due sooner, at once while many are due. The same look tells
+        when a schedule is due (`fire` fires it, task_job.schedule) and when tasks waiting for
+        dependencies are to be cancelled (`end_waiting` writes their done records)."""
         keys = [self.keys.scheduled, self.keys.scheduled_ids]
-        if fire is not None:
-            keys.append(self.keys.schedule_due)
+        if fire is not None or end_waiting is not None:
+            keys += [self.keys.schedule_due, self.keys.waiting[1]]
         while True:
             try:
                 async with self.deadline():
-                    moved, wait, schedules = await self.call("move_due", keys, [MOVE_BATCH])
+                    moved, wait, schedules, ending = await self.call("move_due", keys, [MOVE_BATCH])
                 if fire is not None and float(schedules) == 0:
                     async with self.deadline(self.config.redis_timeout):
                         await fire()
                     continue
+                if end_waiting is not None and int(ending):
+                    async with self.deadline(self.config.redis_timeout):
+                        await end_waiting()
                 if int(moved) >= MOVE_BATCH:
                     continue
                 waits = [float(w) for w in (wait, schedules) if float(w) >= 0]

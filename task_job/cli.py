@@ -233,6 +233,8 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 @click.option("--in", "in_seconds", type=float, metavar="S", help="Not before S seconds from now (Redis' clock).")
 @click.option("--label", "label_pairs", multiple=True, metavar="K=V",
               help="Placement selector (the dispatcher matches executors' labels); K=!=V: not V.")
+@click.option("--after", "after", multiple=True, metavar="ID",
+              help="Wait until task ID succeeded (repeatable); cancelled if it ends otherwise.")
 @click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
 @click.option("--wait-timeout", type=float, metavar="S",
               help="With --wait: give up after S seconds (exit 124; the task runs on).")
@@ -241,7 +243,7 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
            task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
            cwd: str | None, stdin_text: str | None, executor: str | None,
            at_text: str | None, in_seconds: float | None,
-           label_pairs: tuple[str, ...], wait: bool, wait_timeout: float | None,
+           label_pairs: tuple[str, ...], after: tuple[str, ...], wait: bool, wait_timeout: float | None,
            command: tuple[str, ...]) -> None:
     """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
     import shlex
@@ -267,7 +269,8 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
             ident = await client.submit(cmdline, list(command[1:]), task_id=task_id,
                                         timeout=timeout, env=env or None, cwd=cwd,
                                         stdin=stdin_text, executor=executor, at=at, delay=in_seconds,
-                                        labels=_parse_env(label_pairs, "--label") or None)
+                                        labels=_parse_env(label_pairs, "--label") or None,
+                                        depends_on=list(after) or None)
             click.echo(ident)
             if not wait:
                 return 0
@@ -679,6 +682,34 @@ def _drain_command(resume: bool) -> Any:
 
 cli.command("drain")(_drain_command(resume=False))
 cli.command("resume")(_drain_command(resume=True))
+
+
+@cli.command()
+@config_option
+@redis_option
+@queue_option
+@click.argument("path", metavar="FILE")
+def dag(config_path: str | None, redis_addr: str | None, queue_name: str | None, path: str) -> None:
+    """Submit a whole DAG from FILE ('-': stdin): {"id", "tasks": [task messages with
+    depends_on]}, all-or-nothing."""
+    config = _client_config(config_path, redis_addr, queue_name)
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        message = orjson.loads(text)
+    except (OSError, orjson.JSONDecodeError) as exc:
+        fail(f"{path}: {exc}")
+    if not isinstance(message, dict):
+        fail(f"{path}: expected a JSON object {{\"id\", \"tasks\": [...]}}")
+
+    async def go() -> int:
+        from task_job.client import AsyncClient
+
+        async with AsyncClient(config) as client:
+            accepted = await client.submit_dag(message)
+        click.echo(f"DAG {accepted.id} accepted: {' '.join(t.id for t in accepted.tasks)}")
+        return 0
+
+    sys.exit(_run_client(go, config))
 
 
 @cli.group()

@@ -16,13 +16,16 @@ import orjson
 
 from task_job.broker import BLOCK_MAX, Broker
 from task_job.config import Config
+from task_job.deps import hold, hold_values, refuse
 from task_job.errors import ProtocolError
 from task_job.protocol import (
+    Dag,
     Record,
     Status,
     Task,
     build_control,
     build_task,
+    parse_dag,
     parse_record,
     parse_task,
     peek_id,
@@ -73,6 +76,7 @@ class AsyncClient:
         stdin: str | None = None, type: str | None = "start", tube: str | None = None,
         on_lost: str | None = None, labels: dict[str, Any] | None = None,
         executor: str | None = None, at: float | None = None, delay: float | None = None,
+        depends_on: Sequence[str] | None = None, depends_timeout: float | None = None,
     ) -> str:
         """Push a task; returns its id. With `labels` it goes to the dispatcher queue, with
         `executor` to that executor's own queue, else onto the shared queue; with `at` (unix
@@ -82,12 +86,43 @@ class AsyncClient:
             at = await self.server_time() + delay
         message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
                              env=env, cwd=cwd, stdin=stdin, on_lost=on_lost, labels=labels,
-                             executor=executor, enqueue_at=at)
+                             executor=executor, enqueue_at=at, depends_on=depends_on,
+                             depends_timeout=depends_timeout)
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
+        if task.depends_on:
+            await self._hold(task, message, at)
+            return task_id
         await self._push_new(task_id, message, await self.destination(task), at)
         return task_id
+
+    async def _hold(self, task: Task, message: bytes, due: float | None) -> None:
+        """A task with depends_on waits in the waiting set (hold.lua), never on a queue where
+        an executor that does not know the field would run it at once."""
+        verdict, detail = await hold(self.broker, [hold_values(
+            task, await self.destination(task), await self.server_time(), self.config.depends_timeout,
+            due=due, message=message)])
+        refuse(verdict, detail, task.id)
+
+    async def submit_dag(self, message: dict[str, Any], by: str | None = None) -> Dag:
+        """A whole DAG (`{"id", "tasks": [...]}`), all-or-nothing: refused whole (naming the
+        cycle, the id taken, or the dependency neither in it nor known) or held whole."""
+        if by is not None:
+            message = {**message, "submitted_by": by}
+        dag = parse_dag(orjson.dumps(message), self.config.max_message_bytes, self.config.label_max_bytes)
+        now = await self.server_time()
+        values = []
+        for task in dag.tasks:
+            due, raw = task.enqueue_at, task.raw
+            if task.delay is not None:
+                due = now + task.delay
+                raw = with_due(orjson.loads(task.raw), due)
+            values.append(hold_values(task, await self.destination(task), now,
+                                      self.config.depends_timeout, due=due, message=raw))
+        verdict, detail = await hold(self.broker, values, dag=dag.id, dag_ids=[t.id for t in dag.tasks])
+        refuse(verdict, detail, dag.id)
+        return dag
 
     async def server_time(self) -> float:
         """Redis' clock: the one the fleet's due times are judged by."""
@@ -138,6 +173,9 @@ class AsyncClient:
             due = await self.server_time() + task.delay
             raw = with_due(message, due)
             task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
+        if task.depends_on:
+            await self._hold(task, raw, due)
+            return task
         await self._push_new(task.id, raw, await self.destination(task), due)
         return task
 
@@ -187,7 +225,7 @@ class AsyncClient:
             if await self.broker.redis.hexists(self.keys.scheduled_ids, task_id):
                 return "pending", "scheduled"
             return "unknown", ""
-        if status in ("cancel_requested", "requeued", "retrying"):
+        if status in ("cancel_requested", "requeued", "retrying", "waiting"):
             return "pending", status
         if status == "running":
             return "running", status

@@ -19,6 +19,7 @@ import orjson
 
 from task_job.broker import Broker, Oversize
 from task_job.config import Config
+from task_job.deps import end_waiting
 from task_job.errors import ProtocolError
 from task_job.fleet import NETWORK_ERRORS, backoff
 from task_job.protocol import Outcome, RecordHead, Status, build_dead_entry, parse_task, peek_id
@@ -53,6 +54,9 @@ class Dispatcher:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _end_waiting(self) -> None:
+        await end_waiting(self.broker, self.sink, self.id)
+
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
@@ -69,7 +73,7 @@ class Dispatcher:
                 sink = tg.create_task(self.sink.run())
                 background = [tg.create_task(self._beat_loop()),
                               tg.create_task(self._maintenance_loop()),
-                              tg.create_task(self.broker.move_due_forever(self.scheduler.fire_due))]
+                              tg.create_task(self.broker.move_due_forever(self.scheduler.fire_due, self._end_waiting))]
                 await self._place_loop()
                 for task in background:
                     task.cancel()

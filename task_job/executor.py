@@ -26,6 +26,7 @@ from task_job import __version__
 from task_job.broker import Broker, Oversize, parked_member
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.confine import EnvPolicy, Policy
+from task_job.deps import end_waiting, hold, hold_values, refuse
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
@@ -36,8 +37,10 @@ from task_job.protocol import (
     RecordHead,
     Status,
     Task,
+    is_dag,
     labels_match,
     parse_control,
+    parse_dag,
     parse_task,
     with_due,
 )
@@ -235,7 +238,7 @@ class Executor:
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop()),
-                              tg.create_task(self.broker.move_due_forever(self.scheduler.fire_due)),
+                              tg.create_task(self.broker.move_due_forever(self.scheduler.fire_due, self._end_waiting)),
                               tg.create_task(self.reaper.loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
@@ -512,6 +515,42 @@ class Executor:
         log.info("task parked until its time", extra={"task_id": task.id, "due": due})
         return True
 
+    async def _hold(self, raw: bytes, task: Task) -> bool:
+        """A raw push carrying depends_on: it waits (leaving the processing list) unless all
+        its dependencies succeeded already (False: run it now)."""
+        verdict, _ = await hold(self.broker, [hold_values(
+            task, self._queue_for(task), time.time(), self.config.depends_timeout)],
+            claimed=raw, processing=self.keys.processing(self.id))
+        if verdict == "ok":
+            log.info("task waits for its dependencies", extra={"task_id": task.id,
+                                                               "depends_on": list(task.depends_on)})
+        return verdict == "ok"
+
+    async def _dag(self, raw: bytes) -> bool:
+        """A whole DAG pushed raw: held all-or-nothing, or rejected whole naming why (its id's
+        done record). False when the message is not a DAG at all."""
+        try:
+            if not is_dag(orjson.loads(raw)):
+                return False
+        except orjson.JSONDecodeError:
+            return False
+        processing = self.keys.processing(self.id)
+        try:
+            dag = parse_dag(raw, self.config.max_message_bytes, self.config.label_max_bytes)
+            verdict, detail = await hold(
+                self.broker, [hold_values(t, self._queue_for(t), time.time(), self.config.depends_timeout)
+                              for t in dag.tasks], dag=dag.id, dag_ids=[t.id for t in dag.tasks],
+                claimed=raw, processing=processing)
+            refuse(verdict, detail, dag.id)
+        except ProtocolError as exc:
+            self._reject(raw, exc.reason, exc.task_id)
+            return True
+        log.info("DAG accepted", extra={"task_id": dag.id, "tasks": len(dag.tasks)})
+        return True
+
+    async def _end_waiting(self) -> None:
+        await end_waiting(self.broker, self.sink, self.id)
+
     async def _is_for_me(self, raw: bytes, task: Task) -> bool:
         """A task for another executor goes to its queue; one whose labels this executor
         does not match goes to the dispatcher queue when a dispatcher serves the fleet, and
@@ -568,9 +607,13 @@ class Executor:
             try:
                 task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
             except ProtocolError as exc:
+                if b'"tasks"' in raw and await self._dag(raw):
+                    continue
                 self._reject(raw, exc.reason, exc.task_id)
                 continue
             if (task.enqueue_at is not None or task.delay is not None) and await self._park(raw, task):
+                continue
+            if task.depends_on and await self._hold(raw, task):
                 continue
             if (task.executor or task.labels) and not await self._is_for_me(raw, task):
                 continue
@@ -834,9 +877,11 @@ class Executor:
         if routed:
             log.info("kill for a task not running here: ignored", extra={"task_id": ctl.id})
             return
+        by = f" (on request of {ctl.by})" if ctl.by else ""
         where, detail = await self.broker.call(
-            "kill", [self.keys.task(ctl.id), self.keys.scheduled, self.keys.scheduled_ids],
-            [f"{time.time():.6f}", self.config.cancel_ttl, ctl.id])
+            "kill", [self.keys.task(ctl.id), self.keys.scheduled, self.keys.scheduled_ids,
+                     *self.keys.waiting],
+            [f"{time.time():.6f}", self.config.cancel_ttl, ctl.id, f"killed while waiting{by}"])
         where = where.decode() if isinstance(where, bytes) else where
         if where == "parked":  # it was waiting for its time: it ends here, never run again
             seq, attempt = await self.broker.redis.hmget(self.keys.task(ctl.id), "seq", "attempt")
@@ -845,7 +890,6 @@ class Executor:
             except ProtocolError:
                 head = RecordHead(ctl.id, None, None, self.id)
             stream = self.sink.open_stream(head, int(seq or -1) + 1)
-            by = f" (on request of {ctl.by})" if ctl.by else ""
             self._track(self.sink.finish(stream, Outcome(Status.CANCELLED, f"cancelled before its time{by}"),
                                          raw=detail, mode="parked"))
             log.info("scheduled task cancelled", extra={"task_id": ctl.id, "by": ctl.by})
@@ -858,6 +902,9 @@ class Executor:
                 return
             await self.broker.redis.rpush(self.keys.control_inbox(detail), raw)
             log.info("kill routed", extra={"task_id": ctl.id, "to": detail})
+        elif where == "waiting":
+            log.info("kill for a task waiting for its dependencies: it is cancelled",
+                     extra={"task_id": ctl.id})
         elif where == "marked":
             log.info("kill for a task not started: it will be cancelled", extra={"task_id": ctl.id})
         else:

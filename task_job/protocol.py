@@ -11,6 +11,7 @@ import functools
 import math
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -76,6 +77,8 @@ class Task:
     retry_delay: float = 0.0  # seconds before the 2nd attempt, doubling, with jitter
     retry_delay_max: float = 3600.0
     group: str | None = None  # task.group: fleet-wide concurrency by the groups config
+    depends_on: tuple[str, ...] = ()  # task.depends_on: ids that must succeed first
+    depends_timeout: float | None = None  # the longest it waits for them (None: config's)
 
     @property
     def retrying(self) -> bool:
@@ -281,6 +284,12 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         if enqueue_at is not None:
             raise ProtocolError("'task.delay' and 'task.enqueue_at' exclude each other", task_id)
     target = None if spec.get("executor") is None else _string(spec["executor"], "task.executor", task_id)
+    depends_on = _depends_on(spec.get("depends_on"), task_id)
+    depends_timeout = None
+    if spec.get("depends_timeout") is not None:
+        depends_timeout = _number(spec["depends_timeout"], "task.depends_timeout", task_id)
+        if depends_timeout <= 0:
+            raise ProtocolError("'task.depends_timeout' must be more than 0 seconds", task_id)
     by = obj.get("submitted_by")
     if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
         raise ProtocolError("'submitted_by' must be a printable string of at most 256 characters", task_id)
@@ -292,8 +301,100 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         max_output=max_output, on_lost=on_lost, retries=retries, limits=limits, user=user,
         submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
         retry_on=_retry_on(retry_on, spec, on_lost), retry_delay=retry_delay,
-        retry_delay_max=retry_delay_max, group=group, raw=data,
+        retry_delay_max=retry_delay_max, group=group, depends_on=depends_on,
+        depends_timeout=depends_timeout, raw=data,
     )
+
+
+MAX_DEPENDS = 1000
+
+
+def _depends_on(value: Any, task_id: str) -> tuple[str, ...]:
+    """task.depends_on: task ids (numbers are taken as their decimal text, as pueue sends them)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_DEPENDS:
+        raise ProtocolError(f"'task.depends_on' must be a list of at most {MAX_DEPENDS} task ids", task_id)
+    out: list[str] = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise ProtocolError(f"'task.depends_on' holds task ids, not {_kind(item)}", task_id)
+        text = str(item)
+        if not text or len(text) > MAX_ID_LENGTH or any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+            raise ProtocolError(f"'task.depends_on': {text[:64]!r} is not a task id", task_id)
+        if text == task_id:
+            raise ProtocolError("'task.depends_on' names the task itself", task_id)
+        if text not in out:
+            out.append(text)
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Dag:
+    """A whole DAG in one message: `{"id": "dag-7", "tasks": [<task message>, ...]}`."""
+
+    id: str
+    tasks: tuple[Task, ...]
+
+
+def is_dag(obj: Any) -> bool:
+    return isinstance(obj, dict) and "tasks" in obj and "task" not in obj
+
+
+def parse_dag(raw: bytes | str, max_bytes: int | None = None, label_max_bytes: int = 256) -> Dag:
+    """A DAG message, all of it checked: every task as an executor reads it, ids unique, no
+    cycle (named, as `a -> b -> a`). Whether outside ids are known is Redis' to say."""
+    obj = _decode_object(raw, max_bytes)
+    dag_id = _read_id(obj)
+    tasks = obj.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise ProtocolError("'tasks' must be a non-empty list of task messages", dag_id)
+    by = obj.get("submitted_by")
+    parsed: list[Task] = []
+    for i, item in enumerate(tasks):
+        if not isinstance(item, dict):
+            raise ProtocolError(f"tasks[{i}]: a task message, not {_kind(item)}", dag_id)
+        if by is not None:
+            item = {**item, "submitted_by": by}
+        try:
+            parsed.append(parse_task(orjson.dumps(item), None, label_max_bytes))
+        except ProtocolError as exc:
+            raise ProtocolError(f"tasks[{i}]: {exc.reason}", dag_id) from None
+    ids = [t.id for t in parsed]
+    for task_id in ids:
+        if ids.count(task_id) > 1 or task_id == dag_id:
+            raise ProtocolError(f"task id {task_id!r} appears twice in the DAG", dag_id)
+    cycle = find_cycle({t.id: t.depends_on for t in parsed})
+    if cycle:
+        raise ProtocolError(f"the DAG has a cycle: {' -> '.join(cycle)}", dag_id)
+    return Dag(dag_id, tuple(parsed))
+
+
+def find_cycle(edges: dict[str, tuple[str, ...]]) -> list[str]:
+    """A cycle among the ids of `edges` (id -> the ids it depends on), as a path, or []."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in edges:
+        if state.get(root):
+            continue
+        path: list[str] = []
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                state[node] = 1
+                path.append(node)
+            deps = [d for d in edges.get(node, ()) if d in edges]
+            if i < len(deps):
+                stack.append((node, i + 1))
+                nxt = deps[i]
+                if state.get(nxt) == 1:
+                    return [*path[path.index(nxt):], nxt]
+                if not state.get(nxt):
+                    stack.append((nxt, 0))
+            else:
+                state[node] = 2
+                path.pop()
+    return []
 
 
 def _retry_on(given: tuple[str, ...], spec: dict[str, Any], on_lost: str) -> tuple[str, ...]:
@@ -397,13 +498,16 @@ def build_task(
     type: str | None = "start", tube: str | None = None, timeout: float | None = None,
     env: dict[str, str] | None = None, cwd: str | None = None, stdin: str | None = None,
     on_lost: str | None = None, labels: dict[str, Any] | None = None, executor: str | None = None,
-    enqueue_at: float | None = None,
+    enqueue_at: float | None = None, depends_on: Sequence[str] | None = None,
+    depends_timeout: float | None = None,
 ) -> bytes:
     """The JSON of a task message, as `task-job submit` pushes it."""
     spec: dict[str, Any] = {"cmdline": cmdline, "cmd_args": list(cmd_args)}
     for key, value in (("timeout", timeout), ("env", env), ("cwd", cwd), ("stdin", stdin),
                        ("on_lost", on_lost), ("labels", labels), ("executor", executor),
-                       ("enqueue_at", enqueue_at)):
+                       ("enqueue_at", enqueue_at),
+                       ("depends_on", list(depends_on) if depends_on else None),
+                       ("depends_timeout", depends_timeout)):
         if value:
             spec[key] = value
     msg: dict[str, Any] = {"id": task_id}

@@ -167,6 +167,8 @@ def parse_schedule(obj: Any, where: str = "schedule", source: str = "") -> Sched
         parse_task(orjson.dumps({"id": f"{name}:0", "task": task}))
     except ProtocolError as exc:
         raise ProtocolError(f"{where}.task: {exc.reason}") from None
+    if task.get("depends_on"):
+        raise ProtocolError(f"{where}.task: no depends_on (each tick's instance is new)")
     if task.get("enqueue_at") is not None or task.get("delay") is not None:
         raise ProtocolError(f"{where}.task: no enqueue_at or delay (the schedule says when; "
                             "use jitter to spread)")

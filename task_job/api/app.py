@@ -23,7 +23,7 @@ from task_job.client import TASK_STATUSES, AsyncClient
 from task_job.config import Config
 from task_job.confine import Policy
 from task_job.errors import BrokerError, ConfinementError, ProtocolError
-from task_job.protocol import Task, parse_task
+from task_job.protocol import Task, is_dag, parse_dag, parse_task
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,8 @@ async def submit(request: web.Request) -> web.Response:
     body.setdefault("id", uuid.uuid4().hex)
     body.pop("submitted_by", None)  # set here, from the token: never the caller's word
     principal = principal_of(request)
+    if is_dag(body):
+        return await _submit_dag(request, service, principal, body)
     try:
         if principal.allow:  # checked before anything is pushed
             _admit(service, principal, parse_task(orjson.dumps(body), service.config.max_message_bytes,
@@ -227,6 +229,24 @@ async def submit(request: web.Request) -> web.Response:
         return json({"id": task.id, "status": "pending",
                      "message": f"not done within {wait:g}s"}, 202)
     return json({"id": task.id, **(await _result(service.client, task.id, done.fields))}, 200)
+
+
+async def _submit_dag(request: web.Request, service: Service, principal: Principal,
+                      body: dict[str, Any]) -> web.Response:
+    """A whole DAG, all-or-nothing (docs/protocol.md, Dependencies); every task admitted by
+    the token's allow globs before anything is held."""
+    try:
+        dag = parse_dag(orjson.dumps(body), service.config.max_message_bytes, service.config.label_max_bytes)
+        if principal.allow:
+            for task in dag.tasks:
+                _admit(service, principal, task)
+        await service.client.submit_dag(body, by=who(request))
+    except ProtocolError as exc:
+        status = 409 if "already known" in exc.reason else 400
+        raise ApiError(status, "conflict" if status == 409 else "invalid", exc.reason,
+                       "id" if status == 409 else field_of(exc.reason)) from exc
+    log.info("DAG submitted", extra={"task_id": dag.id, "tasks": len(dag.tasks), "by": who(request)})
+    return json({"id": dag.id, "status": "accepted", "tasks": [t.id for t in dag.tasks]}, 202)
 
 
 def _admit(service: Service, principal: Principal, task: Task) -> None:

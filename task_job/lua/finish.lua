@@ -8,6 +8,8 @@
 --                'new'    a rejected message: only if the id has no state yet
 --                'cancel' a kill came before the start (state cancel_requested)
 --                'parked' a kill found it waiting for its time (no state, or retrying)
+--                'waiting' it waited for its dependencies and is cancelled (KEYS[10..12]:
+--                         {Q}:waiting, {Q}:waiting_until, {Q}:waiting_why)
 -- ARGV[2]  executor id       ARGV[3]  seq of the done record    ARGV[4]  done record (JSON)
 -- ARGV[5]  raw message to remove from KEYS[4] ('' = none), or 'sha1:<hex>:<length>' naming
 --          a big one by its digest (it is not sent back whole)
@@ -29,6 +31,8 @@
 -- (a retried batch, a duplicate id, or a takeover while this executor was cut off).
 --!include lib_unclaim.lua
 --!include lib_group.lua
+--!include lib_parked.lua
+--!include lib_deps.lua
 
 local function cap(key, n)
   n = tonumber(n)
@@ -53,6 +57,11 @@ elseif mode == 'parked' then
   if st[1] and st[1] ~= 'retrying' then return 0 end
 elseif mode == 'cancel' then
   if st[1] ~= 'cancel_requested' then return 0 end
+elseif mode == 'waiting' then
+  if st[1] ~= 'waiting' or redis.call('HDEL', KEYS[10], ARGV[17]) == 0 then return 0 end
+  redis.call('ZREM', KEYS[11], ARGV[17])
+  redis.call('HDEL', KEYS[12], ARGV[17])
+  redis.call('DEL', string.sub(KEYS[3], 1, #KEYS[3] - #ARGV[17] - 5) .. 'waiting_on:' .. ARGV[17])
 else
   return redis.error_reply('finish: unknown mode ' .. mode)
 end
@@ -67,7 +76,7 @@ if ARGV[15] and ARGV[15] ~= '' then
 end
 redis.call('EXPIRE', KEYS[3], ARGV[10])
 if not (KEYS[9] and ARGV[17]) then return 1 end
-if KEYS[10] then release(KEYS[10], KEYS[11], KEYS[12], ARGV[17]) end
+if KEYS[10] and mode ~= 'waiting' then release(KEYS[10], KEYS[11], KEYS[12], ARGV[17]) end
 local horizon = '(' .. (tonumber(ARGV[9]) - tonumber(ARGV[10]))
 for i = 6, 8 do
   redis.call('ZADD', KEYS[i], ARGV[9], ARGV[17])
@@ -75,4 +84,7 @@ for i = 6, 8 do
 end
 redis.call('PUBLISH', KEYS[9], cjson.encode({event = 'task', id = ARGV[17], status = ARGV[7],
   executor = ARGV[2], exit_code = tonumber(ARGV[8]), at = tonumber(ARGV[9])}))
+-- The tasks waiting for this one: released when it succeeded and they wait for nothing else,
+-- else marked to be cancelled naming it.
+settle_dependents(string.sub(KEYS[3], 1, #KEYS[3] - #ARGV[17] - 5), ARGV[17], ARGV[7])
 return 1

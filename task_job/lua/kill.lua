@@ -7,6 +7,10 @@
 --                         cancelled when claimed; the mark expires after ARGV[2]
 --   'finished', status    nothing to do
 --   'parked', message     it was waiting for its time: removed (the caller writes its done record)
+--   'waiting', ''         it waited for its dependencies: marked to be cancelled now (a mover
+--                         writes its done record)
+-- KEYS[4]  {Q}:waiting   KEYS[5]  {Q}:waiting_until   KEYS[6]  {Q}:waiting_why (optional)
+-- ARGV[4]  why, for a waiting task's done record
 --!include lib_parked.lua
 if KEYS[2] then
   local member = redis.call('HGET', KEYS[3], ARGV[3])
@@ -15,6 +19,11 @@ if KEYS[2] then
     local _, _, message = parked(member)
     return {'parked', message}
   end
+end
+if KEYS[4] and redis.call('HEXISTS', KEYS[4], ARGV[3]) == 1 then
+  redis.call('ZADD', KEYS[5], 0, ARGV[3])
+  redis.call('HSET', KEYS[6], ARGV[3], ARGV[4])
+  return {'waiting', ''}
 end
 local st = redis.call('HMGET', KEYS[1], 'status', 'executor')
 if not st[1] or st[1] == 'requeued' then

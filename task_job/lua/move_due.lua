@@ -3,9 +3,11 @@
 -- KEYS[1]  {Q}:scheduled (score: due, unix seconds; member: queue \0 id \0 message)
 -- KEYS[2]  {Q}:scheduled_ids (id -> member: how a kill finds a parked task)
 -- KEYS[3]  {Q}:schedule_due (optional): the schedules' next ticks
+-- KEYS[4]  {Q}:waiting_until (optional): waiting tasks to cancel (timed out, or marked)
 -- ARGV[1]  most tasks to move in this call
 -- Returns {moved, seconds until the next due task (-1: none), seconds until the next
--- schedule tick (0: one is due now; -1: none, or KEYS[3] not given)}.
+-- schedule tick (0: one is due now; -1: none, or KEYS[3] not given), waiting tasks to cancel
+-- now}.
 -- The queues named in the members are the fleet's own lists (Q, Q_dispatch, {Q}:inbox:*).
 --!include lib_parked.lua
 local t = redis.call('TIME')
@@ -34,6 +36,8 @@ if KEYS[3] then
   local first = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
   if first[2] then tick = tostring(math.max(tonumber(first[2]) - now, 0)) end
 end
+local ending = 0
+if KEYS[4] then ending = redis.call('ZCOUNT', KEYS[4], '-inf', now) end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if next_due[2] then return {#due, tostring(tonumber(next_due[2]) - now), tick} end
-return {#due, '-1', tick}
+if next_due[2] then return {#due, tostring(tonumber(next_due[2]) - now), tick, ending} end
+return {#due, '-1', tick, ending}
