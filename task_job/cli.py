@@ -233,6 +233,7 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 @click.option("--in", "in_seconds", type=float, metavar="S", help="Not before S seconds from now (Redis' clock).")
 @click.option("--label", "label_pairs", multiple=True, metavar="K=V",
               help="Placement selector (the dispatcher matches executors' labels); K=!=V: not V.")
+@click.option("--group", metavar="NAME", help="The task's group (groups limits run at once fleet-wide).")
 @click.option("--after", "after", multiple=True, metavar="ID",
               help="Wait until task ID succeeded (repeatable); cancelled if it ends otherwise.")
 @click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
@@ -243,7 +244,7 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
            task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
            cwd: str | None, stdin_text: str | None, executor: str | None,
            at_text: str | None, in_seconds: float | None,
-           label_pairs: tuple[str, ...], after: tuple[str, ...], wait: bool, wait_timeout: float | None,
+           label_pairs: tuple[str, ...], group: str | None, after: tuple[str, ...], wait: bool, wait_timeout: float | None,
            command: tuple[str, ...]) -> None:
     """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
     import shlex
@@ -270,7 +271,7 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
                                         timeout=timeout, env=env or None, cwd=cwd,
                                         stdin=stdin_text, executor=executor, at=at, delay=in_seconds,
                                         labels=_parse_env(label_pairs, "--label") or None,
-                                        depends_on=list(after) or None)
+                                        depends_on=list(after) or None, group=group)
             click.echo(ident)
             if not wait:
                 return 0

@@ -57,7 +57,7 @@ class AsyncClient:
         # duplicate id, which executors dead-letter and never run twice.
         self.broker = Broker(config, retries=3, socket_timeout=config.redis_timeout + BLOCK_MAX)
         self.keys = self.broker.keys
-        self._pushes: list[tuple[str, bytes, str, float | None, asyncio.Future[Any]]] = []
+        self._pushes: list[tuple[str, bytes, str, float | None, asyncio.Future[Any], str | None]] = []
         self._flusher: asyncio.Future[None] | None = None
         self.scheduler = Scheduler(self.broker, state_ttl=config.task_ttl)  # schedules in Redis
 
@@ -77,6 +77,7 @@ class AsyncClient:
         on_lost: str | None = None, labels: dict[str, Any] | None = None,
         executor: str | None = None, at: float | None = None, delay: float | None = None,
         depends_on: Sequence[str] | None = None, depends_timeout: float | None = None,
+        group: str | None = None,
     ) -> str:
         """Push a task; returns its id. With `labels` it goes to the dispatcher queue, with
         `executor` to that executor's own queue, else onto the shared queue; with `at` (unix
@@ -87,14 +88,14 @@ class AsyncClient:
         message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
                              env=env, cwd=cwd, stdin=stdin, on_lost=on_lost, labels=labels,
                              executor=executor, enqueue_at=at, depends_on=depends_on,
-                             depends_timeout=depends_timeout)
+                             depends_timeout=depends_timeout, group=group)
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
         if task.depends_on:
             await self._hold(task, message, at)
             return task_id
-        await self._push_new(task_id, message, await self.destination(task), at)
+        await self._push_new(task_id, message, await self.destination(task), at, task.group)
         return task_id
 
     async def _hold(self, task: Task, message: bytes, due: float | None) -> None:
@@ -147,12 +148,13 @@ class AsyncClient:
             return self.keys.dispatch
         return self.keys.queue
 
-    async def _push_new(self, task_id: str, message: bytes, queue: str, due: float | None = None) -> None:
+    async def _push_new(self, task_id: str, message: bytes, queue: str, due: float | None = None,
+                        group: str | None = None) -> None:
         """Push unless the id is known (submit.lua: the check and the push in one script).
         Pushes made while one batch is on its way go together in the next (one round trip
         for many concurrent API submissions), each script applied on its own."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pushes.append((task_id, message, queue, due, future))
+        self._pushes.append((task_id, message, queue, due, future, group))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_pushes())
         known = await future
@@ -176,7 +178,7 @@ class AsyncClient:
         if task.depends_on:
             await self._hold(task, raw, due)
             return task
-        await self._push_new(task.id, raw, await self.destination(task), due)
+        await self._push_new(task.id, raw, await self.destination(task), due, task.group)
         return task
 
     async def _flush_pushes(self) -> None:
@@ -185,14 +187,19 @@ class AsyncClient:
         sha = self.broker.scripts.sha["submit"]
         while self._pushes:
             batch, self._pushes = self._pushes, []
+            commands = []
+            for task_id, message, queue, due, _, group in batch:
+                keys = [self.keys.task(task_id), queue, self.keys.scheduled, self.keys.scheduled_ids]
+                args = [message, "" if due is None else repr(due), task_id]
+                if group:  # a group's limit holds even against executors that do not know it
+                    keys += [self.keys.groups, *self.keys.group_keys(group)]
+                    args.append(group)
+                commands.append(("EVALSHA", sha, len(keys), *keys, *args))
             try:
-                results = await self.broker.send(self.broker.claim_lane, [
-                    ("EVALSHA", sha, 4, self.keys.task(task_id), queue, self.keys.scheduled,
-                     self.keys.scheduled_ids, message, "" if due is None else repr(due), task_id)
-                    for task_id, message, queue, due, _ in batch])
+                results = await self.broker.send(self.broker.claim_lane, commands)
             except Exception as exc:  # each waiting submit raises it
                 results = [exc] * len(batch)
-            for (_, _, _, _, future), result in zip(batch, results, strict=True):
+            for (_, _, _, _, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
                 if isinstance(result, Exception):

@@ -495,6 +495,7 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
     if config.block_on not in ("auto", "shared", "inbox"):
         raise ConfigError(f"block_on: one of auto, shared, inbox (got {config.block_on!r})")
     _positive(config, "unroutable_after")
+    _positive(config, "depends_timeout")
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")

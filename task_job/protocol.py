@@ -499,7 +499,7 @@ def build_task(
     env: dict[str, str] | None = None, cwd: str | None = None, stdin: str | None = None,
     on_lost: str | None = None, labels: dict[str, Any] | None = None, executor: str | None = None,
     enqueue_at: float | None = None, depends_on: Sequence[str] | None = None,
-    depends_timeout: float | None = None,
+    depends_timeout: float | None = None, group: str | None = None,
 ) -> bytes:
     """The JSON of a task message, as `task-job submit` pushes it."""
     spec: dict[str, Any] = {"cmdline": cmdline, "cmd_args": list(cmd_args)}
@@ -507,7 +507,7 @@ def build_task(
                        ("on_lost", on_lost), ("labels", labels), ("executor", executor),
                        ("enqueue_at", enqueue_at),
                        ("depends_on", list(depends_on) if depends_on else None),
-                       ("depends_timeout", depends_timeout)):
+                       ("depends_timeout", depends_timeout), ("group", group)):
         if value:
             spec[key] = value
     msg: dict[str, Any] = {"id": task_id}

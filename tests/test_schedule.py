@@ -219,3 +219,21 @@ async def test_a_sigkilled_executor_gives_its_group_lease_back_at_takeover(
     assert lost.fields["status"] == "lost"
     done = await wait_done(sync_redis, config, later, timeout=30)  # ran on the lease given back
     assert done.fields["status"] == "succeeded" and done.fields["executor"] != holder
+
+
+async def test_the_client_keeps_a_full_groups_task_off_the_shared_queue(
+        grouped: tuple[Config, dict[str, Any]], sync_redis: redis.Redis) -> None:
+    config, _ = grouped
+    await _registered(sync_redis, config)
+    keys = Keys.for_config(config)
+    running, waiting = keys.group_keys("deploy")
+    async with AsyncClient(config) as client:
+        first = [await client.submit("nap.sh", ["60"], group="deploy") for _ in range(2)]
+        await wait_until(lambda: sync_redis.scard(running) == 2, 20, what="two leases taken")
+        later = await client.submit("nap.sh", ["0"], group="deploy")
+        # straight to the group's waiting list: an executor that knows no groups never sees it
+        assert sync_redis.llen(config.queue_name) == 0 and sync_redis.lrange(waiting, 0, -1)[0].find(later.encode()) > 0
+        await client.kill(first[0])
+        done = await wait_done(sync_redis, config, later, timeout=30)
+        assert done.fields["status"] == "succeeded"
+        await client.kill(first[1])
