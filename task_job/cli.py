@@ -537,7 +537,7 @@ def _print_json(data: Any) -> None:
 def _when(ts: Any) -> str:
     if not isinstance(ts, (int, float)):
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(ts))
 
 
 @cli.command()
@@ -799,14 +799,14 @@ def schedule_list(config_path: str | None, redis_addr: str | None, queue_name: s
         if as_json:
             click.echo(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
             return 0
-        click.echo(f"{'NAME':<20} {'WHEN':<18} {'NEXT RUN':<21} {'LAST RUN':<21} {'LAST':<10} SOURCE")
+        click.echo(f"{'NAME':<20} {'WHEN':<18} {'NEXT RUN':<25} {'LAST RUN':<25} {'LAST':<10} SOURCE")
         for r in rows:
             if "error" in r:
                 click.echo(f"{r['name']!s:<20} error: {r['error']}")
                 continue
             when = f"cron {r['cron']}" if r.get("cron") else f"every {r['every']}s"
             nxt = "paused" if r["paused"] else _when(r["next_run"])
-            click.echo(f"{r['name']:<20} {when:<18} {nxt:<21} {_when(r['last_run']):<21} "
+            click.echo(f"{r['name']:<20} {when:<18} {nxt:<25} {_when(r['last_run']):<25} "
                        f"{r['last_status'] or '-':<10} {r.get('source') or '-'}")
         return 0
 
