@@ -34,7 +34,8 @@ from task_job.protocol import (
 from task_job.schedule import Scheduler
 
 FINISHED = tuple(s.value for s in Status)
-TASK_STATUSES = ("queued", "scheduled", "unroutable", "running", *FINISHED)
+TASK_STATUSES = ("queued", "scheduled", "waiting", "unroutable", "running", *FINISHED)
+PENDING = ("queued", "scheduled", "waiting", "unroutable")  # listed from their own keys
 PAGE_MAX = 1000
 RECENT_WINDOW = 10_000  # finished tasks examined for filters without an index (labels, time)
 
@@ -361,13 +362,13 @@ class AsyncClient:
             raise ValueError(f"status: one of {', '.join(TASK_STATUSES)}")
         kind, _, position = (cursor or "").partition(":")
         rows: list[dict[str, Any]] = []
-        phases = ["running", "queued", "scheduled", "unroutable", "finished"] if status is None else \
-            [status if status in ("running", "queued", "scheduled", "unroutable") else "finished"]
-        for waiting in ("queued", "scheduled", "unroutable"):
+        phases = ["running", *PENDING, "finished"] if status is None else \
+            [status if status in ("running", *PENDING) else "finished"]
+        for waiting in PENDING:
             if executor is not None and waiting in phases:
                 phases.remove(waiting)  # no executor yet
         if kind:
-            if kind not in phases or (kind in ("queued", "scheduled", "unroutable") and position
+            if kind not in phases or (kind in PENDING and position
                                       and not position.isdigit()):
                 raise ValueError("cursor: not from this listing")
             if kind == "finished" and position:
@@ -387,6 +388,8 @@ class AsyncClient:
                 page, nxt = await self._unroutable(start, want)
             elif phase == "scheduled":
                 page, nxt = await self._scheduled(start, want)
+            elif phase == "waiting":
+                page, nxt = await self._waiting(start, want)
             else:
                 page, nxt = await self._finished(status, executor, start, want, since, until, labels)
             rows += [r for r in page if _labels_match(r, labels)] if phase != "finished" else page
@@ -440,6 +443,31 @@ class AsyncClient:
             row = typed_state(task_id, state)
             row.update(status="retrying" if state.get("status") == "retrying" else "scheduled",
                        due=due, message=_message(raw))
+            rows.append(row)
+        return rows, (str(offset + want) if len(members) == want else None)
+
+    async def _waiting(self, start: str, want: int) -> tuple[list[dict[str, Any]], str | None]:
+        """Tasks waiting for their dependencies, soonest to time out first, with the ids they
+        still wait for (`waiting_on`) and when they are cancelled if still waiting (`due`)."""
+        offset = int(start) if start.isdigit() else 0
+        redis = self.broker.redis
+        waiting, until, _ = self.keys.waiting
+        members = await redis.zrange(until, offset, offset + want - 1, withscores=True)
+        ids = [m.decode() for m, _ in members]
+        pipe = redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hget(waiting, task_id)
+            pipe.smembers(f"{self.keys.prefix}waiting_on:{task_id}")
+        found = await pipe.execute()
+        rows = []
+        for i, ((task_id, due), state) in enumerate(zip(zip(ids, (d for _, d in members), strict=True),
+                                                        await self._states(ids), strict=True)):
+            member, on = found[2 * i], found[2 * i + 1]
+            if member is None:
+                continue  # released or ended meanwhile
+            row = typed_state(task_id, state)
+            row.update(status="waiting", due=due, waiting_on=sorted(d.decode() for d in on),
+                       message=_message(member.split(b"\0", 2)[2]))
             rows.append(row)
         return rows, (str(offset + want) if len(members) == want else None)
 

@@ -53,6 +53,8 @@ async def test_a_chain_pushed_backwards_runs_in_order(two: Config, sync_redis: r
                      what="c waiting")
     async with AsyncClient(two) as client:
         assert await client.whereabouts(c) == ("pending", "waiting")
+        rows, _ = await client.tasks(status="waiting")
+        assert [(r["id"], r["waiting_on"]) for r in rows] == [(c, [b])]
         await client.submit("step.sh", [b], task_id=b, depends_on=[a])
         assert sync_redis.llen(two.queue_name) == 0  # held by the client: never on the queue
         await client.submit("step.sh", [a], task_id=a)

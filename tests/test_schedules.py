@@ -210,3 +210,10 @@ async def test_schedule_commands_and_config_schedules_in_one_list(
                      20, what="last_status in the list")
     assert cli("remove", "hourly", config_path=path).returncode == 0
     assert cli("remove", "hourly", config_path=path).returncode == 1
+    # another executor's config says otherwise: the last to start wins, and says so
+    (other,) = fleet(make_config, spawn_executor, tmp_path, 1, [
+        {"name": "nightly", "cron": "0 3 * * *", "task": {"cmdline": "now.sh"}}], prefix="late").values()
+    await wait_until(lambda: b"config of late0" in (sync_redis.hget(keys.schedules, "nightly") or b""), 60,
+                     what="the later definition")
+    await wait_until(lambda: "schedule redefined" in other.output(), 10, what="the warning")
+    assert "cron 0 3 * * *" in cli("list", config_path=path).stdout
