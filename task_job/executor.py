@@ -519,7 +519,7 @@ class Executor:
         """A raw push carrying depends_on: it waits (leaving the processing list) unless all
         its dependencies succeeded already (False: run it now)."""
         verdict, _ = await hold(self.broker, [hold_values(
-            task, self._queue_for(task), time.time(), self.config.depends_timeout)],
+            task, self._queue_for(task), time.time() + self.fleet.clock_offset, self.config.depends_timeout)],
             claimed=raw, processing=self.keys.processing(self.id))
         if verdict == "ok":
             log.info("task waits for its dependencies", extra={"task_id": task.id,
@@ -538,7 +538,8 @@ class Executor:
         try:
             dag = parse_dag(raw, self.config.max_message_bytes, self.config.label_max_bytes)
             verdict, detail = await hold(
-                self.broker, [hold_values(t, self._queue_for(t), time.time(), self.config.depends_timeout)
+                self.broker, [hold_values(t, self._queue_for(t), time.time() + self.fleet.clock_offset,
+                                          self.config.depends_timeout)
                               for t in dag.tasks], dag=dag.id, dag_ids=[t.id for t in dag.tasks],
                 claimed=raw, processing=processing)
             refuse(verdict, detail, dag.id)

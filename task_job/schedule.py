@@ -60,8 +60,8 @@ class Schedule:
         return (self.cron, self.every, self.timezone)
 
     def to_json(self) -> bytes:
-        return orjson.dumps({k: v for k, v in asdict(self).items() if v not in ("", 0, None)
-                             or k in ("task", "jitter")})
+        return orjson.dumps({k: v for k, v in asdict(self).items()
+                             if not (k in ("cron", "every", "source") and not v)})
 
     def next_tick(self, after: float) -> int:
         """The first tick strictly after `after` (unix seconds; ticks are whole seconds)."""
@@ -146,10 +146,13 @@ def parse_schedule(obj: Any, where: str = "schedule", source: str = "") -> Sched
             fields, six = _cron_fields(cron)
             if not croniter.is_valid(fields, second_at_beginning=six):
                 raise ValueError("not a valid expression")
+            cron_next(cron, str(obj.get("timezone") or "UTC"), time.time())  # it fires at all
+        except ZoneInfoNotFoundError:
+            pass  # said below
         except ImportError:
             raise ProtocolError(f"{where}: cron schedules need croniter "
                                 "(pip install 'task-job[schedule]')") from None
-        except ValueError as exc:
+        except ValueError as exc:  # croniter's errors are ValueErrors too
             raise ProtocolError(f"{where}.cron {cron!r}: {exc}") from None
     if every and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ProtocolError(f"{where}.every: a whole number of seconds, at least 1")
@@ -342,7 +345,12 @@ class Scheduler:
             if schedule is None:  # removed meanwhile
                 await redis.zrem(self.keys.schedule_due, name)
                 continue
-            ticks, after = plan(schedule, int(score), now)
+            try:
+                ticks, after = plan(schedule, int(score), now)
+            except ValueError as exc:  # no next time (a date that never comes): stop it, loudly
+                log.error("schedule has no next tick; paused", extra={"schedule": name, "reason": str(exc)})
+                await self.pause(name)
+                continue
             await self._fire(schedule, ticks, int(score), after, now)
 
     async def run_now(self, name: str, by: str | None = None) -> str | None:

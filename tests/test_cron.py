@@ -91,6 +91,7 @@ def test_catch_up_window_bounds_what_is_caught_up() -> None:
     ({"name": "a", "every": 5}, "task"),
     ({"name": "a", "cron": "* * *", "task": {"cmdline": "x"}}, "five fields"),
     ({"name": "a", "cron": "61 * * * *", "task": {"cmdline": "x"}}, "cron"),
+    ({"name": "a", "cron": "0 0 30 2 *", "task": {"cmdline": "x"}}, "failed to find next date"),
     ({"name": "a", "cron": "* * * * *", "every": 3, "task": {"cmdline": "x"}}, "exactly one"),
     ({"name": "a b", "every": 3, "task": {"cmdline": "x"}}, "name"),
     ({"name": "a", "every": 3, "timezone": "Mars/Olympus", "task": {"cmdline": "x"}}, "zone"),
@@ -103,3 +104,12 @@ def test_catch_up_window_bounds_what_is_caught_up() -> None:
 def test_bad_schedules_are_refused_with_the_field_named(spec: dict[str, object], error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
         parse_schedule(spec)
+
+
+def test_a_schedule_survives_its_round_trip_through_redis_json() -> None:
+    import orjson
+
+    s = parse_schedule({"name": "a", "every": 5, "misfire_grace": 0, "catch_up_window": 0,
+                        "jitter": 0, "task": {"cmdline": "x"}}, source="cli")
+    back = parse_schedule(orjson.loads(s.to_json()))
+    assert back == s and back.misfire_grace == 0 and back.source == "cli"
