@@ -634,7 +634,7 @@ def _typed(key: str, value: str) -> Any:
             return float(value)
     except ValueError:
         return value
-    if key == "labels" and value.startswith("["):
+    if key in ("labels", "command") and value.startswith("["):
         try:
             return orjson.loads(value)
         except orjson.JSONDecodeError:

@@ -650,7 +650,8 @@ class Executor:
         calls = []
         for raw, task, token in claims:
             keys = [self.keys.task(task.id), self.keys.events]
-            args: list[Any] = [self.id, f"{time.time():.6f}", token, task.id, task.submitted_by or ""]
+            args: list[Any] = [self.id, f"{time.time():.6f}", token, task.id, task.submitted_by or "",
+                               orjson.dumps(task.argv)]
             parallel = self.group_limits.get(task.group or "")
             if task.group and parallel:  # a lease of the group, taken with the begin
                 keys += [*self.keys.group_keys(task.group), self.keys.processing(self.id)]

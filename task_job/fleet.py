@@ -127,13 +127,14 @@ class Fleet:
 
     async def publish(self, executor: str, status: str) -> None:
         """A Eureka-shaped instance event on <queue_name>_registry, for discovery listeners."""
+        metadata = {"executor_id": executor, "inbox": self.keys.inbox(executor),
+                    "control": self.keys.control_inbox(executor),
+                    "queue": self.keys.queue, "version": __version__}
         event = {"instanceId": executor, "hostName": socket.gethostname(), "app": "task-job",
-                 "ipAddr": _ip_address(), "status": status,
-                 "metadata": {"executor_id": executor, "inbox": self.keys.inbox(executor),
-                              "control": self.keys.control_inbox(executor),
-                              "queue": self.keys.queue, "version": __version__}}
+                 "ipAddr": _ip_address(), "status": status, "metadata": metadata}
         if executor != self.id:
             event["hostName"] = event["ipAddr"] = ""  # someone else's: host unknown here
+            metadata["taken_over_by"] = self.id  # it died: this executor settled its tasks
         await self.broker.redis.publish(self.keys.registry, orjson.dumps(event))
 
     async def _beat(self, mode: str) -> bool:

@@ -43,6 +43,19 @@ class Service:
     policy: Policy
     executor: Any = None
     started: float = field(default_factory=time.monotonic)
+    _snapshot: tuple[float, bytes] = (0.0, b"")  # the fleet snapshot events share (when, JSON)
+    _snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def snapshot(self, max_age: float) -> bytes:
+        """The executors and the queues' depths, read at most once per `max_age` seconds
+        however many streams ask (one read serves every console watching)."""
+        async with self._snapshot_lock:
+            at, data = self._snapshot
+            if time.monotonic() - at >= max_age or not data:
+                executors, queues = await self.client.executors(), await self.client.queues()
+                data = orjson.dumps({"executors": executors, "queues": queues, "at": time.time()})
+                self._snapshot = (time.monotonic(), data)
+            return data
 
 
 SERVICE = web.AppKey("service", Service)
@@ -117,14 +130,15 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     service = request.app[SERVICE]
     route_handler = request.match_info.handler
     needed = getattr(route_handler, "scope", "read")
-    if needed is None or (needed == "metrics" and service.config.metrics_public):
+    if needed is None or (needed == "metrics" and service.config.metrics_public) or \
+            (needed == "read" and getattr(route_handler, "public", False)):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     kind, _, presented = header.partition(" ")
     principal = service.tokens.check(presented.strip()) if kind.lower() == "bearer" else None
     if principal is None:
         raise ApiError(401, "unauthorized", "a valid token is required: Authorization: Bearer <token>")
-    if not principal.may("read" if needed == "metrics" else needed):
+    if needed != "any" and not principal.may("read" if needed == "metrics" else needed):
         raise ApiError(403, "forbidden", f"token {principal.name!r} lacks the {needed!r} scope")
     request[PRINCIPAL] = principal
     return await handler(request)
@@ -367,9 +381,14 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 
 @scope("read")
 async def events(request: web.Request) -> web.StreamResponse:
-    """Task state changes and executor UP/DOWN across the fleet, as Server-Sent Events."""
+    """Task state changes and executor UP/DOWN across the fleet, as Server-Sent Events; with
+    `?snapshot=SECONDS` (1-60), also a `fleet` event that often: the executors (with their
+    heartbeat age and status) and the queues' depths, so a console needs no polling."""
     service = request.app[SERVICE]
     keys = service.client.keys
+    every = _number(request, "snapshot", None, 60)
+    if every is not None and every < 1:
+        raise ApiError(400, "invalid", "snapshot: seconds, 1 to 60", "snapshot")
     pubsub = service.client.broker.redis.pubsub()
     await pubsub.subscribe(keys.events, keys.registry)
     try:  # both subscriptions confirmed before the stream opens: no event missed after it
@@ -385,15 +404,32 @@ async def events(request: web.Request) -> web.StreamResponse:
     response = await _sse_open(request)
     try:
         await response.write(b": subscribed\n\n")
+        quiet = time.monotonic()
+        next_snapshot = time.monotonic()
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=KEEPALIVE)
+            now = time.monotonic()
+            if every is not None and now >= next_snapshot:
+                await response.write(b"event: fleet\ndata: %s\n\n" % await service.snapshot(every * 0.9))
+                next_snapshot = now + every
+            wait = KEEPALIVE if every is None else max(0.0, min(KEEPALIVE, next_snapshot - now))
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
             if message is None:
-                await response.write(b": keep-alive\n\n")
+                if time.monotonic() - quiet >= KEEPALIVE:
+                    await response.write(b": keep-alive\n\n")
+                    quiet = time.monotonic()
                 continue
+            quiet = time.monotonic()
             kind = b"task" if message["channel"] == keys.events.encode() else b"executor"
             await response.write(b"event: %s\ndata: %s\n\n" % (kind, message["data"]))
     finally:
         await pubsub.aclose()
+
+
+@scope("any")
+async def whoami(request: web.Request) -> web.Response:
+    """The token's name, scopes and allow globs (any valid token): what a console may show."""
+    principal = principal_of(request)
+    return json({"name": principal.name, "scopes": sorted(principal.scopes), "allow": list(principal.allow)})
 
 
 # -- executors, queues, dead letters ------------------------------------------------------
@@ -570,6 +606,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/api/v1/tasks/{id}/kill", kill_task),
     ("GET", "/api/v1/tasks/{id}/logs", task_logs),
     ("GET", "/api/v1/events", events),
+    ("GET", "/api/v1/whoami", whoami),
     ("GET", "/api/v1/executors", list_executors),
     ("GET", "/api/v1/executors/{id}", get_executor),
     ("POST", "/api/v1/executors/{id}/drain", drain),
@@ -592,5 +629,9 @@ def create_app(service: Service) -> web.Application:
     app = web.Application(middlewares=[errors, auth], client_max_size=service.config.max_message_bytes + 4096)
     app[SERVICE] = service
     for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    from task_job.api.console import CONSOLE_ROUTES
+
+    for method, path, handler in CONSOLE_ROUTES:
         app.router.add_route(method, path, handler)
     return app

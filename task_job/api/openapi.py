@@ -83,8 +83,9 @@ PATHS: dict[str, dict[str, Any]] = {
         "A task's records; ?follow=1 as Server-Sent Events (id = seq; Last-Event-ID resumes)",
         "read", params=[_ID, _query("follow", {"type": "string", "enum": ["0", "1"]}),
                         _query("after", {"type": "integer"})], errors=("400", "404"))},
-    "/api/v1/events": {"get": _op("Task and executor events (Server-Sent Events)", "read",
-                                  content=_SSE)},
+    "/api/v1/events": {"get": _op("Task and executor events (Server-Sent Events); ?snapshot=S adds a "
+                                  "`fleet` event every S seconds", "read", content=_SSE,
+                                  params=[_query("snapshot", {"type": "number", "minimum": 1, "maximum": 60})])},
     "/api/v1/executors": {"get": _op("Registered executors", "read")},
     "/api/v1/executors/{id}": {"get": _op("One executor", "read", params=[_ID], errors=("404",))},
     "/api/v1/executors/{id}/drain": {"post": _op("Stop claiming; running tasks finish", "admin",
@@ -110,6 +111,7 @@ PATHS: dict[str, dict[str, Any]] = {
                                                     params=[_NAME], errors=("404", "409"))},
     "/api/v1/schedules/{name}/run": {"post": _op("Fire one instance now", "admin", "202",
                                                  params=[_NAME], errors=("404", "409"))},
+    "/api/v1/whoami": {"get": _op("The token's name, scopes and allow globs", "any")},
     "/api/v1/openapi.json": {"get": _op("This description", "read")},
 }
 

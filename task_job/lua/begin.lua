@@ -2,9 +2,10 @@
 -- KEYS[1]  {Q}:task:<id>   state hash (created here; the only place a task id is registered)
 -- KEYS[2]  {Q}:events      pub/sub channel of task state changes
 -- ARGV[4]  task id       ARGV[5]  who submitted it ('' = not said)
+-- ARGV[6]  the command and its arguments, a JSON array ('' = not said): kept in the state
 -- For a task of a limited group (task.group with groups.<g>.parallel), also:
 -- KEYS[3]  {Q}:group:<g>:running (the group's leases: task ids)   KEYS[4]  {Q}:group:<g>:waiting
--- KEYS[5]  {Q}:processing:<exec>   ARGV[6]  parallel   ARGV[7]  the claimed message
+-- KEYS[5]  {Q}:processing:<exec>   ARGV[7]  parallel   ARGV[8]  the claimed message
 -- verdict 'waiting': the group is full; the message left the processing list for the group's
 -- waiting list (in order), holding no slot, until a lease is given back.
 -- ARGV[1]  executor id
@@ -26,9 +27,9 @@ if status and status ~= 'requeued' and status ~= 'retrying' then
   return {'duplicate', 0, 0}
 end
 if KEYS[3] and redis.call('SISMEMBER', KEYS[3], ARGV[4]) == 0 then
-  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[6]) then
-    redis.call('LREM', KEYS[5], 1, ARGV[7])
-    redis.call('RPUSH', KEYS[4], ARGV[7])
+  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[7]) then
+    redis.call('LREM', KEYS[5], 1, ARGV[8])
+    redis.call('RPUSH', KEYS[4], ARGV[8])
     return {'waiting', 0, 0}
   end
   redis.call('SADD', KEYS[3], ARGV[4])
@@ -38,6 +39,7 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'executor', ARGV[1], 'claimed_a
   'claim', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'seq', -1)
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'submitted_by', ARGV[5]) end
+if ARGV[6] and ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'command', ARGV[6]) end
 redis.call('PERSIST', KEYS[1])
 redis.call('PUBLISH', KEYS[2], cjson.encode({event = 'task', id = ARGV[4], status = 'running',
   executor = ARGV[1], at = tonumber(ARGV[2])}))
