@@ -58,6 +58,7 @@ class Console:
         # Playwright's polling of a wait_for_function string is an eval, which the console's
         # CSP forbids; the fleet test runs under the real policy and polls by selectors.
         context = await self.browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=bypass_csp)
+        context.set_default_timeout(60_000)  # a first Chromium start in a new HOME builds its font cache
         page = await context.new_page()
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         await page.goto(self.base + "/#/fleet")
