@@ -312,6 +312,31 @@ async def test_events_stream_task_changes(api: Any) -> None:
     assert statuses == ["running", "succeeded"]
 
 
+async def test_whoami_and_fleet_snapshots_on_the_events_stream(api: Any) -> None:
+    import asyncio
+
+    client, config, _ = api
+    status, me = await client.call("GET", "/api/v1/whoami", "submitter")  # no read scope needed
+    assert status == 200 and me == {"name": "submitter", "scopes": ["submit"], "allow": []}
+    assert (await client.call("GET", "/api/v1/whoami", None))[0] == 401
+    assert (await client.call("GET", "/api/v1/events?snapshot=0.5", "reader"))[0] == 400
+    snapshots = []
+    async with asyncio.timeout(30), client.session.get(f"{client.base}/api/v1/events?snapshot=1",
+                                                       headers=auth("reader")) as resp:
+        event = ""
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "fleet":
+                snapshots.append((asyncio.get_running_loop().time(), orjson.loads(line[6:])))
+                if len(snapshots) == 2:
+                    break
+    (t0, first), (t1, second) = snapshots
+    assert [e["id"] for e in first["executors"]] == [config.executor_id] and first["executors"][0]["status"] == "up"
+    assert first["queues"]["queue"]["depth"] == 0 and 0.5 < t1 - t0 < 3
+
+
 async def test_schedules_added_listed_run_paused_and_removed(api: Any, sync_redis: redis.Redis) -> None:
     client, config, _ = api
     spec = {"name": "hourly", "cron": "0 * * * *", "timezone": "Europe/Berlin",
