@@ -188,17 +188,27 @@ async def test_200000_lines_leave_the_page_responsive_and_its_heap_small(console
     await page.click("#submit button[type=submit]")
     await page.wait_for_selector("#task-id")
     await page.wait_for_function("document.querySelector('#output').childElementCount > 0")
-    latencies = []
+    # Each click's latency is measured in the page: from the input event's creation to the next
+    # frame after its handler ran (the new label on screen), whatever Playwright's own overhead.
+    await page.evaluate("""() => { window.__latencies = [];
+        document.addEventListener('click', (e) => { const t = e.timeStamp;
+            requestAnimationFrame(() => window.__latencies.push(performance.now() - t)); }, true); }""")
+    clicks = 0
     finished = False
-    while not finished:  # click while the lines pour in, until the done record
-        finished = await page.locator("#task-status [data-status=succeeded]").count() == 1
+    deadline = time.monotonic() + 60
+    while not finished:  # click while the lines pour in, until the whole output is in
+        finished = "200000" in (await page.evaluate("document.querySelector('#output').lastChild?.textContent ?? ''"))
+        assert time.monotonic() < deadline, (
+            await page.evaluate("document.querySelector('#output').textContent.slice(-200)"),
+            await page.text_content("#output-note"), await page.text_content("#task-status"), clicks)
         before = await page.text_content("#follow")
-        t0 = time.monotonic()
         await page.click("#follow")
         await page.wait_for_function(f"document.querySelector('#follow').textContent !== {before!r}")
-        latencies.append(time.monotonic() - t0)
-    await page.wait_for_function("document.querySelector('#output').textContent.includes('200000')")
-    assert max(latencies) < 0.2, latencies
+        clicks += 1
+    await page.wait_for_function(f"window.__latencies.length === {clicks}")  # the last one's frame
+    latencies = await page.evaluate("window.__latencies")
+    assert max(latencies) < 200, latencies
+    await page.wait_for_selector("#task-status [data-status=succeeded]")
     # the reader scrolls up: following stops, and new lines no longer pull the view down
     await page.click("#follow") if await page.text_content("#follow") == "Paused" else None
     await page.locator("#output").hover()
@@ -210,7 +220,7 @@ async def test_200000_lines_leave_the_page_responsive_and_its_heap_small(console
     await cdp.send("HeapProfiler.collectGarbage")
     metrics = {m["name"]: m["value"] for m in (await cdp.send("Performance.getMetrics"))["metrics"]}
     assert metrics["JSHeapUsedSize"] < 100 * 2**20, metrics["JSHeapUsedSize"]
-    print(f"\nflood: {len(latencies)} clicks, slowest {max(latencies) * 1000:.0f} ms; "
+    print(f"\nflood: {len(latencies)} clicks, slowest {max(latencies):.0f} ms; "
           f"JS heap {metrics['JSHeapUsedSize'] / 2**20:.1f} MiB")
 
 
