@@ -78,7 +78,8 @@ async def test_a_full_log_dir_neither_stops_the_executor_nor_changes_a_status(
     # The disk is full now: later tasks still start, run and report.
     ids = [push(sync_redis, config, "install.sh", str(i)) for i in range(5)]
     for task_id in ids:
-        assert (await wait_done(sync_redis, config, task_id)).fields["status"] == "succeeded"
+        done = await wait_done(sync_redis, config, task_id)
+        assert done.fields["status"] == "succeeded", (done.fields, done.data)
     assert not handle.task.done()
     for task_id in [flood, *ids]:
         assert len(done_of(sync_redis, config, task_id)) == 1
