@@ -171,6 +171,7 @@ async def _run(config: Config, demo: bool) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, executor.stop)
+    loop.add_signal_handler(signal.SIGHUP, executor.reload_catalogue)
     runner = asyncio.create_task(executor.run())
     code = 0
     if demo:

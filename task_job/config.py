@@ -182,6 +182,8 @@ class Config:
     groups: dict[str, int] = field(default_factory=dict)  # {"deploy": {"parallel": 2}} in JSON
     schedules: tuple[Schedule, ...] = ()  # cron and interval schedules, written to Redis at start
     depends_timeout: float = 86400.0  # the longest a task waits for its depends_on
+    # Named tasks (task_job/catalogue.py): celery-service's external-task YAML (or JSON).
+    catalogue: str = ""
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".

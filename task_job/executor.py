@@ -24,10 +24,12 @@ import orjson
 
 from task_job import __version__
 from task_job.broker import Broker, Oversize, parked_member
+from task_job.catalogue import Catalogue
+from task_job.catalogue import load as load_catalogue
 from task_job.config import Config, cmd_dir_is_shared
-from task_job.confine import EnvPolicy, Policy
+from task_job.confine import EnvPolicy, Policy, _workdir
 from task_job.deps import end_waiting, hold, hold_values, refuse
-from task_job.errors import BrokerError, ConfinementError, ProtocolError
+from task_job.errors import BrokerError, ConfigError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
 from task_job.limits import Limits, count_processes, effective, tree_cpu
@@ -170,6 +172,7 @@ class Executor:
         self.group_limits: dict[str, int] = dict(config.groups)  # fleet-wide, from Redis
         self.scheduler = Scheduler(self.broker, dispatched=lambda: self.fleet.dispatched,
                                    state_ttl=config.task_ttl)
+        self.catalogue = Catalogue()  # named tasks (catalogue.py); loaded in run()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -198,6 +201,9 @@ class Executor:
                 "cmd_dir is writable by other users: anyone who can write there can run code "
                 "as this executor; use a dedicated root-owned directory",
                 extra={"cmd_dir": cfg.cmd_dir})
+        if cfg.catalogue:  # a catalogue that cannot be read at all stops the start
+            self.catalogue = load_catalogue(cfg.catalogue, self._env.get("PATH"))
+            self._catalogue_loaded()
         if not await self._connect():
             await self.broker.close()
             log.info("executor stopped before redis answered", extra={"executor": self.id})
@@ -242,6 +248,8 @@ class Executor:
                               tg.create_task(self.reaper.loop())]
                 if cfg.log_dir:
                     background.append(tg.create_task(self._prune_loop()))
+                if cfg.catalogue:
+                    background.append(tg.create_task(self._catalogue_loop()))
                 if self.notifier is not None:
                     background.append(tg.create_task(self._notify_loop()))
                 if cfg.dead_max_len or cfg.logs_max_len:
@@ -549,6 +557,35 @@ class Executor:
         log.info("DAG accepted", extra={"task_id": dag.id, "tasks": len(dag.tasks)})
         return True
 
+    def reload_catalogue(self) -> None:
+        """SIGHUP, or the file changed: read the catalogue again; on a file that cannot be read
+        at all, keep the last good one (and say so)."""
+        if not self.config.catalogue:
+            return
+        try:
+            self.catalogue = load_catalogue(self.config.catalogue, self._env.get("PATH"))
+        except ConfigError as exc:
+            log.error("catalogue not reloaded; the last good one stays", extra={"reason": str(exc)})
+            return
+        self._catalogue_loaded()
+
+    def _catalogue_loaded(self) -> None:
+        for line in self.catalogue.errors:
+            log.error("catalogue entry left out", extra={"reason": line})
+        log.info("catalogue loaded", extra={"path": self.config.catalogue,
+                                            "entries": sorted(self.catalogue.entries)})
+
+    async def _catalogue_loop(self) -> None:
+        """Reload when the file changes (looked at every two seconds)."""
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                mtime = os.stat(self.config.catalogue).st_mtime
+            except OSError:
+                continue
+            if mtime != self.catalogue.mtime:
+                self.reload_catalogue()
+
     async def _end_waiting(self) -> None:
         await end_waiting(self.broker, self.sink, self.id)
 
@@ -651,7 +688,7 @@ class Executor:
         for raw, task, token in claims:
             keys = [self.keys.task(task.id), self.keys.events]
             args: list[Any] = [self.id, f"{time.time():.6f}", token, task.id, task.submitted_by or "",
-                               orjson.dumps(task.argv)]
+                               orjson.dumps(task.argv or [f"@{task.name}", *task.cmd_args])]
             parallel = self.group_limits.get(task.group or "")
             if task.group and parallel:  # a lease of the group, taken with the begin
                 keys += [*self.keys.group_keys(task.group), self.keys.processing(self.id)]
@@ -740,16 +777,28 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
+        entry = None
+        if task.name is not None:  # a catalogue entry: the operator's command, the request's args
+            entry = self.catalogue.get(task.name)
+            if entry is None:
+                raise ConfinementError(f"no catalogue entry {task.name!r}"
+                                       + ("" if cfg.catalogue else " (no catalogue is configured)"))
         if task.env:
             self.env_policy.check(task.env)
-        env = {**self._env, **task.env, MARKER: tr.token}  # one copy, whatever the task sets
-        creds = self.users.for_task(task.user)
+        base_env = {**self._env, **entry.env} if entry is not None else self._env
+        env = {**base_env, **task.env, MARKER: tr.token}  # one copy, whatever the task sets
+        creds = self.users.for_task(task.user or (entry.user if entry is not None else None))
         if creds is not None:
             env.update(HOME=creds.home, USER=creds.user, LOGNAME=creds.user)
-        argv, workdir = self.policy.confine(task.argv, task.cwd)
+        if entry is not None:
+            argv, workdir = entry.argv(task.cmd_args, cfg.cmd_dir), _workdir(os.path.realpath(cfg.cmd_dir), task.cwd)
+        else:
+            argv, workdir = self.policy.confine(task.argv, task.cwd)
         limits = effective(task.limits, cfg.limits_default, cfg.limits_max) \
             if task.limits or cfg.limits_default or cfg.limits_max else NO_LIMITS
         timeout, limit = task.timeout, task.max_output if task.max_output is not None else cfg.max_output
+        if timeout is None and entry is not None:
+            timeout = entry.timeout
         if limits.any:
             argv, timeout, limit = self._limited(limits, argv, timeout, limit)
         if tr.kill_reason is not None:

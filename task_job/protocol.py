@@ -79,6 +79,7 @@ class Task:
     group: str | None = None  # task.group: fleet-wide concurrency by the groups config
     depends_on: tuple[str, ...] = ()  # task.depends_on: ids that must succeed first
     depends_timeout: float | None = None  # the longest it waits for them (None: config's)
+    name: str | None = None  # task.name: a catalogue entry instead of cmdline (argv is then ())
 
     @property
     def retrying(self) -> bool:
@@ -209,15 +210,24 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
     if not isinstance(spec, dict):
         raise ProtocolError(f"'task' must be an object, not {_kind(spec)}", task_id)
 
-    if "cmdline" not in spec:
+    name = None
+    if spec.get("name") is not None:  # a catalogue entry instead of a command line
+        name = _string(spec["name"], "task.name", task_id)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", name):
+            raise ProtocolError("'task.name' must name a catalogue entry (letters, digits, '_', '.', '-')", task_id)
+        if spec.get("cmdline") is not None:
+            raise ProtocolError("'task.name' and 'task.cmdline' exclude each other", task_id)
+        cmdline, words = "", []
+    elif "cmdline" not in spec:
         raise ProtocolError("missing 'task.cmdline'", task_id)
-    cmdline = _string(spec["cmdline"], "task.cmdline", task_id)
-    try:
-        words = split_cmdline(cmdline)
-    except ValueError as exc:
-        raise ProtocolError(f"'task.cmdline' cannot be split: {exc}", task_id) from exc
-    if not words:
-        raise ProtocolError("'task.cmdline' is empty", task_id)
+    else:
+        cmdline = _string(spec["cmdline"], "task.cmdline", task_id)
+        try:
+            words = split_cmdline(cmdline)
+        except ValueError as exc:
+            raise ProtocolError(f"'task.cmdline' cannot be split: {exc}", task_id) from exc
+        if not words:
+            raise ProtocolError("'task.cmdline' is empty", task_id)
 
     raw_args = spec.get("cmd_args")
     if raw_args is None:
@@ -302,7 +312,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
         retry_on=_retry_on(retry_on, spec, on_lost), retry_delay=retry_delay,
         retry_delay_max=retry_delay_max, group=group, depends_on=depends_on,
-        depends_timeout=depends_timeout, raw=data,
+        depends_timeout=depends_timeout, name=name, raw=data,
     )
 
 

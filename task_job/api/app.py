@@ -267,6 +267,10 @@ def _admit(service: Service, principal: Principal, task: Task) -> None:
     """A token with `allow` globs may submit only commands they match: the file confinement
     resolves the command line to (so `teamA/../teamB/x.sh` and `bash teamA/...` reaching
     another script are judged by where they really lead)."""
+    if task.name is not None:  # a catalogue entry: the allow globs judge its name
+        if not principal.admits(task.name):
+            raise ApiError(403, "forbidden", f"token {principal.name!r} may not run {task.name!r}", "task.name")
+        return
     try:
         target = service.policy.target(list(task.argv), task.cwd)
     except ConfinementError as exc:
