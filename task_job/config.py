@@ -184,6 +184,9 @@ class Config:
     depends_timeout: float = 86400.0  # the longest a task waits for its depends_on
     # Named tasks (task_job/catalogue.py): celery-service's external-task YAML (or JSON).
     catalogue: str = ""
+    facade_token: str = ""  # celery-service's routes without a header act as this api token
+    sync_timeout: float = 300.0  # the longest POST /sync/... waits
+    facade_session_ttl: float = 3600.0  # finished async sessions are listed this long
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -498,6 +501,11 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"block_on: one of auto, shared, inbox (got {config.block_on!r})")
     _positive(config, "unroutable_after")
     _positive(config, "depends_timeout")
+    _positive(config, "sync_timeout")
+    _positive(config, "facade_session_ttl")
+    if config.facade_token and config.api_tokens and \
+            config.facade_token not in {t.name for t in config.api_tokens}:
+        raise ConfigError(f"facade_token: {config.facade_token!r} is not the name of one of api_tokens")
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")

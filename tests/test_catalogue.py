@@ -154,3 +154,107 @@ async def test_sighup_and_a_changed_file_reload_and_an_unreadable_file_keeps_the
     await wait_until(lambda: "demo5" in proc.output(), 15, what="the reload on change")
     done, out = await run_named(sync_redis, config, "demo5")
     assert (done["status"], out) == ("succeeded", "five\n")
+
+
+FACADE_EXTRA = """\
+- {name: sleeper, cluster_type: TendbHA, language: sh, executable: sleep 60, collected: false}
+- {name: failer, cluster_type: TendbHA, language: sh, executable: 'echo out; echo "it broke" >&2; exit 3', collected: false}
+"""
+
+
+@pytest.fixture
+async def facade(make_config: Callable[..., Config], spawn_executor: Any, tmp_path: Path, cmd_dir: Path,
+                 sync_redis: redis.Redis) -> Any:
+    import hashlib
+
+    import aiohttp
+
+    from task_job.embedded import free_port
+
+    (cmd_dir / "s.sh").write_text('echo "s.sh got: $*"\n')
+    (cmd_dir / "s.sh").chmod(0o755)
+    path = tmp_path / "external-tasks.yaml"
+    path.write_text(CATALOGUE + FACADE_EXTRA)
+    port = free_port()
+    tokens = [{"name": "celery", "sha256": hashlib.sha256(b"celery-secret-0123456789").hexdigest(),
+               "scopes": ["submit", "read", "kill"], "allow": ["demo*", "sleeper", "failer"]},
+              {"name": "admin", "sha256": hashlib.sha256(b"admin-secret-0123456789").hexdigest(), "scopes": ["admin"]}]
+    config = make_config(executor_id=f"fac-{uuid.uuid4().hex[:6]}")
+    spawn_executor("run", "--config", str(write_config(
+        tmp_path / "c.json", config, catalogue=str(path), server_port=port, api_tokens=tokens,
+        facade_token="celery", sync_timeout=20, facade_session_ttl=1)))
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as session:
+        async def up() -> bool:
+            try:
+                async with session.get("/healthz") as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(up, 60, interval=0.1, what="the API")
+        yield session
+
+
+async def call(session: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async with session.request(method, path, data=None if body is None else orjson.dumps(body)) as resp:
+        return resp.status, orjson.loads(await resp.read())
+
+
+async def test_the_celery_service_routes_answer_in_its_shapes_without_a_token(facade: Any, tmp_path: Path) -> None:
+    status, listed = await call(facade, "GET", "/list")
+    assert status == 200 and listed["code"] == 0 and listed["msg"] == ""
+    paths = {(r["method"], r["path"]) for r in listed["data"]}
+    assert {("POST", "/sync/tendb-cluster/demo1"), ("POST", "/async/tendb-cluster/demo1"),
+            ("POST", "/sync/sqlsvr/demopython"), ("POST", "/async/redis/demoperl"),
+            ("POST", "/async/kill"), ("POST", "/async/query"), ("GET", "/list")} <= paths
+    assert not any("demoruby" in p for _, p in paths)  # the bad entry is not served
+    assert await call(facade, "POST", "/sync/tendb-cluster/demo1", ["123", "456"]) == \
+        (200, {"code": 0, "data": "hello aaa bbb 123 456", "msg": ""})
+    proof = tmp_path / "pwned"
+    hostile = f"; touch {proof} #"
+    assert await call(facade, "POST", "/sync/tendb-cluster/demo1", [hostile]) == \
+        (200, {"code": 0, "data": f"hello aaa bbb {hostile}", "msg": ""})
+    assert not proof.exists()
+    assert await call(facade, "POST", "/sync/tendb-ha/failer") == (200, {"code": 1, "data": "out", "msg": "it broke"})
+    assert (await call(facade, "POST", "/sync/redis/demo1", []))[0] == 404  # not its cluster type
+    assert (await call(facade, "POST", "/sync/tendb-cluster/demo1", {"not": "an array"}))[0] == 400
+    assert (await call(facade, "GET", "/api/v1/tasks"))[0] == 401  # the facade token serves only these routes
+
+
+async def test_async_sessions_run_are_queried_killed_and_cleaned_up(facade: Any) -> None:
+    status, started = await call(facade, "POST", "/async/tendb-cluster/demo2", ["a"])
+    assert status == 200 and started["code"] == 0 and started["msg"] == ""
+    session = started["data"]
+    uuid.UUID(session)
+
+    async def row(sid: str) -> dict[str, Any]:
+        code_and_rows = await call(facade, "POST", "/async/query", {"session_id": sid})
+        return code_and_rows[1]["data"][0]  # type: ignore[no-any-return]
+
+    await wait_until(lambda: _done(row(session)), 20, what="the session done")
+    done = await row(session)
+    assert done["message"] == "s.sh got: a" and done["error"] == "" and done["done"] is True
+    assert "T" in done["start_at"] and done["start_at"][-6] in "+-"  # RFC 3339 with the offset
+    _, long_run = await call(facade, "POST", "/async/tendb-ha/sleeper")
+    await wait_until(lambda: _running(facade, long_run["data"]), 20, what="the sleeper running")
+    assert await call(facade, "POST", "/async/kill", {"session_id": long_run["data"]}) == (200, {"code": 0, "data": "", "msg": ""})
+    await wait_until(lambda: _done(row(long_run["data"])), 20, what="the kill")
+    assert "killed" in (await row(long_run["data"]))["error"]
+    # finished more than facade_session_ttl (1 s) ago: the listing of all cleans them up
+    await wait_until(lambda: _listed_none(facade), 20, interval=0.3, what="the cleanup")
+    assert (await call(facade, "POST", "/async/query", {"session_id": session}))[1]["code"] == 1
+
+
+async def _done(row: Any) -> bool:
+    return bool((await row)["done"])
+
+
+async def _running(session: Any, sid: str) -> bool:
+    status, body = await call(session, "POST", "/async/query", {"session_id": sid})
+    return status == 200 and body["code"] == 0 and not body["data"][0]["done"] and \
+        body["data"][0]["message"] == "" and body["data"][0]["error"] == ""
+
+
+async def _listed_none(session: Any) -> bool:
+    _, body = await call(session, "POST", "/async/query")
+    return body["code"] == 0 and body["data"] == []

@@ -83,6 +83,17 @@ async def console(make_config: Callable[..., Config], spawn_executor: Any, tmp_p
         procs[cfg.executor_id] = spawn_executor("run", "--config", str(write_config(tmp_path / f"web{i}.json", cfg, **extra)))
     config = make_config(**FAST)
     await wait_until(lambda: sync_redis.zcard(Keys.for_config(config).executors) == 2, 60, what="two executors")
+
+    def api_up() -> bool:  # the API starts just after the executor registers
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except OSError:
+            return False
+
+    await wait_until(api_up, 60, interval=0.1, what="the API")
     async with playwright_api.async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:

@@ -136,6 +136,9 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     header = request.headers.get("Authorization", "")
     kind, _, presented = header.partition(" ")
     principal = service.tokens.check(presented.strip()) if kind.lower() == "bearer" else None
+    if principal is None and not header and service.config.facade_token and \
+            getattr(route_handler, "facade", False):
+        principal = service.tokens.named(service.config.facade_token)  # celery-service's callers
     if principal is None:
         raise ApiError(401, "unauthorized", "a valid token is required: Authorization: Bearer <token>")
     if needed != "any" and not principal.may("read" if needed == "metrics" else needed):
@@ -635,7 +638,8 @@ def create_app(service: Service) -> web.Application:
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     from task_job.api.console import CONSOLE_ROUTES
+    from task_job.api.facade import FACADE_ROUTES
 
-    for method, path, handler in CONSOLE_ROUTES:
+    for method, path, handler in [*CONSOLE_ROUTES, *FACADE_ROUTES]:
         app.router.add_route(method, path, handler)
     return app

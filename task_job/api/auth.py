@@ -43,6 +43,10 @@ class Tokens:
         self._entries = [(bytes.fromhex(t.sha256), Principal(t.name, frozenset(t.scopes), t.allow))
                          for t in tokens]
 
+    def named(self, name: str) -> Principal | None:
+        """The token called `name` (facade_token: what a request without a header acts as)."""
+        return next((p for _, p in self._entries if p.name == name), None)
+
     def check(self, presented: str) -> Principal | None:
         """The principal of a presented token, or None. Every entry is compared, each in
         constant time, so the time taken says nothing about which one (nearly) matched."""
