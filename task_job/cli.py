@@ -235,24 +235,28 @@ def _client_config(config_path: str | None, redis_addr: str | None,
 @click.option("--label", "label_pairs", multiple=True, metavar="K=V",
               help="Placement selector (the dispatcher matches executors' labels); K=!=V: not V.")
 @click.option("--group", metavar="NAME", help="The task's group (groups limits run at once fleet-wide).")
+@click.option("--name", "entry", metavar="ENTRY", help="Run this catalogue entry; the arguments after -- are appended.")
 @click.option("--after", "after", multiple=True, metavar="ID",
               help="Wait until task ID succeeded (repeatable); cancelled if it ends otherwise.")
 @click.option("--wait", is_flag=True, help="Stream the output and exit with the task's code.")
 @click.option("--wait-timeout", type=float, metavar="S",
               help="With --wait: give up after S seconds (exit 124; the task runs on).")
-@click.argument("command", nargs=-1, required=True)
+@click.argument("command", nargs=-1)
 def submit(config_path: str | None, redis_addr: str | None, queue_name: str | None,
            task_id: str | None, timeout: float | None, env_pairs: tuple[str, ...],
            cwd: str | None, stdin_text: str | None, executor: str | None,
            at_text: str | None, in_seconds: float | None,
-           label_pairs: tuple[str, ...], group: str | None, after: tuple[str, ...], wait: bool, wait_timeout: float | None,
+           label_pairs: tuple[str, ...], group: str | None, entry: str | None, after: tuple[str, ...], wait: bool, wait_timeout: float | None,
            command: tuple[str, ...]) -> None:
-    """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...]"""
+    """Push a task: task-job submit [OPTIONS] -- CMD [ARGS...], or --name ENTRY [-- ARGS...]"""
     import shlex
 
     config = _client_config(config_path, redis_addr, queue_name)
     env = _parse_env(env_pairs)
-    cmdline = shlex.quote(command[0])  # the command word is kept as given, args verbatim
+    if not command and not entry:
+        fail("give a command (task-job submit -- CMD [ARGS...]) or a catalogue entry (--name ENTRY)")
+    # the command word is kept as given, args verbatim; a catalogue entry takes them all as args
+    cmdline, args = ("", list(command)) if entry else (shlex.quote(command[0]), list(command[1:]))
     at = None
     if at_text is not None:
         from task_job.protocol import parse_time
@@ -268,11 +272,11 @@ def submit(config_path: str | None, redis_addr: str | None, queue_name: str | No
         from task_job.client import AsyncClient
 
         async with AsyncClient(config) as client:
-            ident = await client.submit(cmdline, list(command[1:]), task_id=task_id,
+            ident = await client.submit(cmdline, args, task_id=task_id,
                                         timeout=timeout, env=env or None, cwd=cwd,
                                         stdin=stdin_text, executor=executor, at=at, delay=in_seconds,
                                         labels=_parse_env(label_pairs, "--label") or None,
-                                        depends_on=list(after) or None, group=group)
+                                        depends_on=list(after) or None, group=group, name=entry)
             click.echo(ident)
             if not wait:
                 return 0

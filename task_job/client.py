@@ -78,7 +78,7 @@ class AsyncClient:
         on_lost: str | None = None, labels: dict[str, Any] | None = None,
         executor: str | None = None, at: float | None = None, delay: float | None = None,
         depends_on: Sequence[str] | None = None, depends_timeout: float | None = None,
-        group: str | None = None,
+        group: str | None = None, name: str | None = None,
     ) -> str:
         """Push a task; returns its id. With `labels` it goes to the dispatcher queue, with
         `executor` to that executor's own queue, else onto the shared queue; with `at` (unix
@@ -89,7 +89,7 @@ class AsyncClient:
         message = build_task(task_id, cmdline, tuple(cmd_args), type=type, tube=tube, timeout=timeout,
                              env=env, cwd=cwd, stdin=stdin, on_lost=on_lost, labels=labels,
                              executor=executor, enqueue_at=at, depends_on=depends_on,
-                             depends_timeout=depends_timeout, group=group)
+                             depends_timeout=depends_timeout, group=group, name=name)
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)

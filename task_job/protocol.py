@@ -509,10 +509,12 @@ def build_task(
     env: dict[str, str] | None = None, cwd: str | None = None, stdin: str | None = None,
     on_lost: str | None = None, labels: dict[str, Any] | None = None, executor: str | None = None,
     enqueue_at: float | None = None, depends_on: Sequence[str] | None = None,
-    depends_timeout: float | None = None, group: str | None = None,
+    depends_timeout: float | None = None, group: str | None = None, name: str | None = None,
 ) -> bytes:
-    """The JSON of a task message, as `task-job submit` pushes it."""
-    spec: dict[str, Any] = {"cmdline": cmdline, "cmd_args": list(cmd_args)}
+    """The JSON of a task message, as `task-job submit` pushes it (with `name`, a catalogue
+    entry's, and no cmdline)."""
+    spec: dict[str, Any] = {"name": name, "cmd_args": list(cmd_args)} if name else \
+        {"cmdline": cmdline, "cmd_args": list(cmd_args)}
     for key, value in (("timeout", timeout), ("env", env), ("cwd", cwd), ("stdin", stdin),
                        ("on_lost", on_lost), ("labels", labels), ("executor", executor),
                        ("enqueue_at", enqueue_at),

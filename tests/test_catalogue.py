@@ -258,3 +258,19 @@ async def _running(session: Any, sid: str) -> bool:
 async def _listed_none(session: Any) -> bool:
     _, body = await call(session, "POST", "/async/query")
     return body["code"] == 0 and body["data"] == []
+
+
+async def test_submit_by_name_from_the_cli(catalogued: tuple[Config, Path, Any], sync_redis: redis.Redis,
+                                           tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config, _, (_, executors) = catalogued
+    await wait_until(lambda: sync_redis.zcard(executors) == 1, 60, what="the executor")
+    path = write_config(tmp_path / "client.json", config)
+    result = subprocess.run([sys.executable, "-m", "task_job.cli", "submit", "--config", str(path), "--name", "demo1",
+                             "--wait", "--", "1", "$(id)"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.splitlines()[1] == "hello aaa bbb 1 $(id)", result
+    nothing = subprocess.run([sys.executable, "-m", "task_job.cli", "submit", "--config", str(path)],
+                             capture_output=True, text=True, timeout=60)
+    assert nothing.returncode == 2 and "--name ENTRY" in nothing.stderr
