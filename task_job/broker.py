@@ -159,6 +159,14 @@ class Keys:
         """Parked task id -> its member in `scheduled` (how a kill finds it)."""
         return f"{self.tag}:scheduled_ids"
 
+    def queue_for(self, executor: str | None, labelled: bool, dispatched: bool) -> str:
+        """Where a task goes when it is released (due, retried, fired): its executor's own
+        queue, the dispatcher queue for a labelled one while a dispatcher serves the fleet,
+        else the shared queue."""
+        if executor:
+            return self.inbox(executor)
+        return self.dispatch if labelled and dispatched else self.queue
+
     def processing(self, executor: str) -> str:
         return f"{self.tag}:processing:{executor}"
 

@@ -93,11 +93,16 @@ class AsyncClient:
         # The executor's own checks, before anything is pushed: a message it would reject
         # (an id too long or with control characters, an oversize message) never leaves here.
         task = parse_task(message, self.config.max_message_bytes, self.config.label_max_bytes)
-        if task.depends_on:
-            await self._hold(task, message, at)
-            return task_id
-        await self._push_new(task_id, message, await self.destination(task), at, task.group)
+        await self._send(task, message, at)
         return task_id
+
+    async def _send(self, task: Task, message: bytes, due: float | None) -> None:
+        """A checked task on its way: held when it depends on others, else pushed (or parked
+        until `due`) unless its id is known."""
+        if task.depends_on:
+            await self._hold(task, message, due)
+        else:
+            await self._push_new(task.id, message, await self.destination(task), due, task.group)
 
     async def _hold(self, task: Task, message: bytes, due: float | None) -> None:
         """A task with depends_on waits in the waiting set (hold.lua), never on a queue where
@@ -176,10 +181,7 @@ class AsyncClient:
             due = await self.server_time() + task.delay
             raw = with_due(message, due)
             task = parse_task(raw, self.config.max_message_bytes, self.config.label_max_bytes)
-        if task.depends_on:
-            await self._hold(task, raw, due)
-            return task
-        await self._push_new(task.id, raw, await self.destination(task), due, task.group)
+        await self._send(task, raw, due)
         return task
 
     async def _flush_pushes(self) -> None:

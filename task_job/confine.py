@@ -443,6 +443,10 @@ class Policy:
     perl_args_unchecked: frozenset[str] = frozenset()  # real paths of exempt scripts
     _root: _RootCache = field(default_factory=lambda: _RootCache())
 
+    def workdir(self, cwd: str | None = None) -> str:
+        """A task's working directory: cmd_dir, or `cwd` checked to be inside it."""
+        return _workdir(self._root.resolve(self.cmd_dir), cwd)
+
     def confine(self, argv: Sequence[str], cwd: str | None = None) -> tuple[list[str], str]:
         """Check argv against docs/security.md; return (argv to exec, working directory).
         argv[0] comes back as the interpreter's or the command's real path."""

@@ -68,8 +68,7 @@ async def end_waiting(broker: Any, sink: Any, executor: str) -> int:
     ended = 0
     for raw_id in ids:
         task_id = raw_id.decode()
-        member, reason = await redis.hmget(waiting, task_id), await redis.hget(why, task_id)
-        member = member[0]
+        member, reason = await redis.hget(waiting, task_id), await redis.hget(why, task_id)
         if member is None:  # released or ended meanwhile
             await redis.zrem(until, task_id)
             continue

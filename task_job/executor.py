@@ -27,7 +27,7 @@ from task_job.broker import Broker, Oversize, parked_member
 from task_job.catalogue import Catalogue
 from task_job.catalogue import load as load_catalogue
 from task_job.config import Config, cmd_dir_is_shared
-from task_job.confine import EnvPolicy, Policy, _workdir
+from task_job.confine import EnvPolicy, Policy
 from task_job.deps import end_waiting, hold, hold_values, refuse
 from task_job.errors import BrokerError, ConfigError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
@@ -499,11 +499,7 @@ class Executor:
         self.group_limits = {k.decode(): int(v) for k, v in raw.items()}
 
     def _queue_for(self, task: Task) -> str:
-        """Where a parked task goes when due: its executor's own queue, the dispatcher queue
-        for a labelled one while a dispatcher serves the fleet, else the shared queue."""
-        if task.executor:
-            return self.keys.inbox(task.executor)
-        return self.keys.dispatch if task.labels and self.fleet.dispatched else self.keys.queue
+        return self.keys.queue_for(task.executor, bool(task.labels), self.fleet.dispatched)
 
     async def _park(self, raw: bytes, task: Task) -> bool:
         """A task not due yet (a raw push carrying task.enqueue_at or task.delay) waits in
@@ -791,7 +787,7 @@ class Executor:
         if creds is not None:
             env.update(HOME=creds.home, USER=creds.user, LOGNAME=creds.user)
         if entry is not None:
-            argv, workdir = entry.argv(task.cmd_args, cfg.cmd_dir), _workdir(os.path.realpath(cfg.cmd_dir), task.cwd)
+            argv, workdir = entry.argv(task.cmd_args, cfg.cmd_dir), self.policy.workdir(task.cwd)
         else:
             argv, workdir = self.policy.confine(task.argv, task.cwd)
         limits = effective(task.limits, cfg.limits_default, cfg.limits_max) \

@@ -227,11 +227,10 @@ class Scheduler:
         self.state_ttl = int(state_ttl)
 
     def queue_for(self, task: dict[str, Any]) -> str:
-        """An instance's queue: its executor's own, the dispatcher queue for a labelled one
-        while a dispatcher serves the fleet, else the shared queue."""
-        if task.get("executor"):
-            return str(self.keys.inbox(str(task["executor"])))
-        return str(self.keys.dispatch if task.get("labels") and self.dispatched() else self.keys.queue)
+        """An instance's queue (Keys.queue_for)."""
+        target = task.get("executor")
+        return str(self.keys.queue_for(str(target) if target else None, bool(task.get("labels")),
+                                       self.dispatched()))
 
     async def now(self) -> float:
         sec, usec = await self.broker.redis.time()

@@ -110,8 +110,10 @@ async def run_async(request: web.Request) -> web.Response:
     return reply(0, session)
 
 
-async def _session_row(service: Any, session: str, started: float) -> dict[str, Any]:
-    state = await service.client.state(session)
+async def _session_row(service: Any, session: str, started: float,
+                       state: dict[str, str] | None = None) -> dict[str, Any]:
+    if state is None:
+        state = await service.client.state(session)
     status = state.get("status", "")
     finished = status not in ("", "running", "requeued", "retrying", "cancel_requested", "waiting")
     last = await service.client.last_lines(session, 1)
@@ -145,8 +147,9 @@ async def query(request: web.Request) -> web.Response:
     rows = []
     horizon = time.time() - service.config.facade_session_ttl
     for member, started in await redis.zrange(key, 0, -1, withscores=True):
-        row = await _session_row(service, member.decode(), started)
-        finished_at = (await service.client.state(row["id"])).get("finished_at")
+        state = await service.client.state(member.decode())
+        row = await _session_row(service, member.decode(), started, state)
+        finished_at = state.get("finished_at")
         if row["done"] and finished_at and float(finished_at) < horizon:
             await redis.zrem(key, member)  # finished long enough ago: cleaned up
             continue
