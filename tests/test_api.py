@@ -337,6 +337,24 @@ async def test_whoami_and_fleet_snapshots_on_the_events_stream(api: Any) -> None
     assert first["queues"]["queue"]["depth"] == 0 and 0.5 < t1 - t0 < 3
 
 
+async def test_a_dag_is_held_whole_or_refused_naming_its_cycle(api: Any, sync_redis: redis.Redis) -> None:
+    client, config, _ = api
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    cyclic = {"id": f"dag-{uuid.uuid4().hex[:6]}", "tasks": [task("hello.sh", depends_on=[b]) | {"id": a},
+                                                              task("hello.sh", depends_on=[a]) | {"id": b}]}
+    status, body = await client.call("POST", "/api/v1/tasks", "submitter", json=cyclic)
+    assert status == 400 and "cycle" in body["error"]["message"], body
+    good = {"id": cyclic["id"], "tasks": [task("hello.sh") | {"id": a}, task("hello.sh", depends_on=[a]) | {"id": b}]}
+    status, body = await client.call("POST", "/api/v1/tasks", "submitter", json=good)
+    assert status == 202 and body == {"id": good["id"], "status": "accepted", "tasks": [a, b]}
+    assert (await client.call("POST", "/api/v1/tasks", "submitter", json=good))[0] == 409
+    done = await wait_done(sync_redis, config, b, timeout=20)
+    assert done.fields["status"] == "succeeded" and done.fields["submitted_by"] == "token:submitter"
+    status, body = await client.call("POST", "/api/v1/tasks", "teamA", json={
+        "id": f"dag-{uuid.uuid4().hex[:6]}", "tasks": [task("teamA/a.sh"), task("teamB/b.sh")]})
+    assert status == 403  # every task of a DAG judged by the token's allow globs
+
+
 async def test_schedules_added_listed_run_paused_and_removed(api: Any, sync_redis: redis.Redis) -> None:
     client, config, _ = api
     spec = {"name": "hourly", "cron": "0 * * * *", "timezone": "Europe/Berlin",

@@ -234,9 +234,7 @@ async def submit(request: web.Request) -> web.Response:
                                                   service.config.label_max_bytes))
         task = await service.client.submit_message(body, by=who(request))
     except ProtocolError as exc:
-        status = 409 if "already known" in exc.reason else 400
-        raise ApiError(status, "conflict" if status == 409 else "invalid", exc.reason,
-                       "id" if status == 409 else field_of(exc.reason)) from exc
+        raise _refused(exc) from exc
     log.info("task submitted", extra={"task_id": task.id, "by": who(request)})
     if wait is None:
         return json({"id": task.id, "status": "queued"}, 202)
@@ -246,6 +244,14 @@ async def submit(request: web.Request) -> web.Response:
         return json({"id": task.id, "status": "pending",
                      "message": f"not done within {wait:g}s"}, 202)
     return json({"id": task.id, **(await _result(service.client, task.id, done.fields))}, 200)
+
+
+def _refused(exc: ProtocolError) -> ApiError:
+    """A submission the client turned down: 409 for an id already known, else 400 naming
+    the field."""
+    if "already known" in exc.reason:
+        return ApiError(409, "conflict", exc.reason, "id")
+    return ApiError(400, "invalid", exc.reason, field_of(exc.reason))
 
 
 async def _submit_dag(request: web.Request, service: Service, principal: Principal,
@@ -259,9 +265,7 @@ async def _submit_dag(request: web.Request, service: Service, principal: Princip
                 _admit(service, principal, task)
         await service.client.submit_dag(body, by=who(request))
     except ProtocolError as exc:
-        status = 409 if "already known" in exc.reason else 400
-        raise ApiError(status, "conflict" if status == 409 else "invalid", exc.reason,
-                       "id" if status == 409 else field_of(exc.reason)) from exc
+        raise _refused(exc) from exc
     log.info("DAG submitted", extra={"task_id": dag.id, "tasks": len(dag.tasks), "by": who(request)})
     return json({"id": dag.id, "status": "accepted", "tasks": [t.id for t in dag.tasks]}, 202)
 
