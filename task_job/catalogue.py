@@ -23,7 +23,9 @@ from typing import Any
 import orjson
 
 from task_job.confine import inspect
-from task_job.errors import ConfigError, ConfinementError
+from task_job.errors import ConfigError, ConfinementError, ProtocolError
+from task_job.limits import parse_limits
+from task_job.protocol import parse_selectors
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class Entry:
     user: str | None = None
     program: str = ""  # for collected: false, the command found on PATH at load
     interpreter: str = ""  # for languages but binary, the interpreter found on PATH at load
+    labels: dict[str, Any] = field(default_factory=dict)  # placement selectors for its tasks
+    limits: dict[str, float] = field(default_factory=dict)  # its tasks' limits (a task's own win)
+    namespace: str = ""  # folder of its labelled tasks' log files ("" = config log_namespace)
+    callback_url: str = ""  # its tasks are called back here (besides config callback_url)
+    callback_channel: str = ""  # ... and/or published on this Redis channel
 
     @property
     def route(self) -> str:
@@ -131,7 +138,8 @@ def load(path: str, path_env: str | None = None) -> Catalogue:
 def _entry(item: Any, path_env: str | None) -> Entry:
     if not isinstance(item, dict):
         raise ValueError("expected a mapping")
-    known = {"name", "cluster_type", "language", "executable", "args", "collected", "timeout", "env", "user"}
+    known = {"name", "cluster_type", "language", "executable", "args", "collected", "timeout", "env", "user",
+             "labels", "limits", "namespace", "callback_url", "callback_channel"}
     unknown = sorted(set(item) - known)
     if unknown:
         raise ValueError(f"unknown field {unknown[0]!r}")
@@ -179,7 +187,24 @@ def _entry(item: Any, path_env: str | None) -> Entry:
     user = item.get("user")
     if user is not None and not isinstance(user, str):
         raise ValueError("user: a user name")
+    try:
+        labels = parse_selectors(item.get("labels"), name)
+    except ProtocolError as exc:
+        raise ValueError(exc.reason.replace("'task.labels", "'labels")) from None
+    limits = parse_limits(item["limits"], "limits") if item.get("limits") is not None else {}
+    namespace = item.get("namespace") or ""
+    if namespace and (not isinstance(namespace, str) or not NAME.fullmatch(namespace)
+                      or re.fullmatch(r"\d{4}-\d{2}-\d{2}", namespace)):
+        raise ValueError("namespace: 1-100 letters, digits, '_', '.', '-', not a date (it is a folder name)")
+    callback_url = item.get("callback_url") or ""
+    if callback_url and (not isinstance(callback_url, str)
+                         or not callback_url.startswith(("http://", "https://"))):
+        raise ValueError("callback_url: an http:// or https:// URL")
+    channel = item.get("callback_channel") or ""
+    if channel and (not isinstance(channel, str) or not channel.isprintable()):
+        raise ValueError("callback_channel: a printable channel name")
     return Entry(name=name, cluster_type=item["cluster_type"], language=language,
                  executable=item["executable"], args=tuple(str(a) for a in args),
                  collected=item["collected"], timeout=float(timeout) if timeout else None, env=env,
-                 user=user, program=program, interpreter=interpreter)
+                 user=user, program=program, interpreter=interpreter, labels=labels, limits=limits,
+                 namespace=namespace, callback_url=callback_url, callback_channel=channel)

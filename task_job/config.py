@@ -187,6 +187,13 @@ class Config:
     facade_token: str = ""  # celery-service's routes without a header act as this api token
     sync_timeout: float = 300.0  # the longest POST /sync/... waits
     facade_session_ttl: float = 3600.0  # finished async sessions are listed this long
+    # Completion callbacks (task_job/callbacks.py) and pueue-NATS log files.
+    callback_url: str = field(default="", repr=False)  # every finished task is POSTed here
+    callback_channel: str = ""  # ... and/or published on this Redis pub/sub channel
+    callback_allow: tuple[str, ...] = ()  # URL prefixes task.callback may name (none by default)
+    callback_secret: str = field(default="", repr=False)  # signs each POST (X-Task-Job-Signature)
+    callback_lines: int = 10  # lines of output in a callback's `output`
+    log_namespace: str = "default"  # <log_dir>/<namespace>/<date>/<label>.log for labelled tasks
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -215,8 +222,10 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("redis_addr", "logs_http"):
+            if f.name in ("redis_addr", "logs_http", "callback_url"):
                 value = redact_url(value)
+            elif f.name == "callback_secret":
+                value = "***" if value else ""
             elif f.name == "logs_http_headers":
                 value = {k: "***" for k in value}
             elif f.name == "groups":
@@ -506,11 +515,31 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
     if config.facade_token and config.api_tokens and \
             config.facade_token not in {t.name for t in config.api_tokens}:
         raise ConfigError(f"facade_token: {config.facade_token!r} is not the name of one of api_tokens")
+    validate_callbacks(config)
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")
         if config.log_dir and os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
             raise ConfigError(f"log_dir: {config.log_dir} is not a directory")
+
+
+def validate_callbacks(config: Config) -> None:
+    if config.callback_url and not config.callback_url.startswith(("http://", "https://")):
+        raise ConfigError(f"callback_url: expected an http:// or https:// URL "
+                          f"(got {redact_url(config.callback_url)!r})")
+    for prefix in config.callback_allow:
+        parts = urlsplit(prefix)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"callback_allow: {prefix!r} is not an http:// or https:// URL prefix "
+                              "with a host")
+    if config.callback_channel and not config.callback_channel.isprintable():
+        raise ConfigError("callback_channel: a printable channel name")
+    if config.callback_lines < 0:
+        raise ConfigError("callback_lines: 0 or more")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.log_namespace) \
+            or re.fullmatch(r"\d{4}-\d{2}-\d{2}", config.log_namespace):
+        raise ConfigError("log_namespace: 1-100 letters, digits, '_', '.', '-', not a date "
+                          "(it is a folder name beside log_dir's date folders)")
 
 
 def is_loopback(host: str) -> bool:

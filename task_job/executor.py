@@ -6,6 +6,7 @@ Wires broker, runner and sink together; holds no Redis key names and spawns noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -24,7 +25,9 @@ import orjson
 
 from task_job import __version__
 from task_job.broker import Broker, Oversize, parked_member
-from task_job.catalogue import Catalogue
+from task_job.callbacks import REDIS_PREFIX, Callbacks, allowed, tail_lines
+from task_job.callbacks import body as callback_body
+from task_job.catalogue import Catalogue, Entry
 from task_job.catalogue import load as load_catalogue
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.confine import EnvPolicy, Policy
@@ -64,6 +67,7 @@ CLAIM_BLOCK = 1.0
 SHUTDOWN_DEADLINE = 2.0
 PROCESS_COUNT_INTERVAL = 0.1  # seconds between counts of a task's processes (max_processes)
 THROTTLE_PERIOD = 0.1  # seconds of the duty cycle of max_cpu_percent
+TAIL_BYTES = 16 << 10  # output kept for a callback's last lines
 NO_LIMITS = Limits()
 
 
@@ -87,6 +91,8 @@ class TaskRun:
     claimed_mono: float = field(default_factory=time.monotonic)
     token: str = ""  # TASK_JOB_RUN in its environment: the reaper attributes orphans by it
     limit_hit: str | None = None  # the limit the executor ended it for
+    callbacks: tuple[str, ...] = ()  # where its completion goes (callbacks.py), set at start
+    output: _OutputGate | None = None
 
     def kill(self, reason: str) -> None:
         if self.kill_reason is None:
@@ -173,6 +179,9 @@ class Executor:
         self.scheduler = Scheduler(self.broker, dispatched=lambda: self.fleet.dispatched,
                                    state_ttl=config.task_ttl)
         self.catalogue = Catalogue()  # named tasks (catalogue.py); loaded in run()
+        self.callbacks = Callbacks(state_dir=Path(config.state_dir), executor=self.id,
+                                   secret=config.callback_secret, timeout=config.http_timeout,
+                                   publish=lambda channel, raw: self.broker.redis.publish(channel, raw))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -241,6 +250,7 @@ class Executor:
             async with asyncio.TaskGroup() as tg:
                 sink = tg.create_task(self.sink.run())
                 http = tg.create_task(self.http.run()) if self.http else None
+                callbacks = tg.create_task(self.callbacks.run())
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop()),
@@ -269,6 +279,13 @@ class Executor:
                 if http is not None:
                     self.http.close()
                     await http
+                # Callbacks the receivers take now are sent; the rest stay spooled for the next start.
+                self.callbacks.close()
+                try:
+                    async with asyncio.timeout(cfg.http_timeout):
+                        await asyncio.shield(callbacks)
+                except TimeoutError:
+                    callbacks.cancel()
         finally:
             if self.api is not None:
                 await self.api.stop()
@@ -728,6 +745,7 @@ class Executor:
         task = tr.task
         # Stands if the executor itself is cancelled mid-run; replaced on every other path.
         outcome = Outcome(Status.KILLED, "executor cancelled the task")
+        final = False
         try:
             outcome = await self._start_and_wait(tr)
         except ConfinementError as exc:
@@ -754,6 +772,7 @@ class Executor:
             else:
                 fut = self.sink.finish(tr.stream, outcome, raw=task.raw,
                                        group_keys=self.group_keys_for(task))
+                final = True
             self._track(fut)
             self._settling.add(task.id)
             fut.add_done_callback(lambda _: self._settling.discard(task.id))
@@ -765,10 +784,46 @@ class Executor:
             self.reaper.task_ended()
             if tr.log_file is not None:  # never raises: file errors are counted, not fatal
                 await asyncio.shield(asyncio.to_thread(tr.log_file.finish, tr.stream.done))
+            if final and tr.callbacks:
+                self._call_back(tr, fut)
             log.info("task finished", extra={
                 "task_id": task.id, "executor": self.id, "status": outcome.status.value,
                 "exit_code": outcome.exit_code, "duration_s": outcome.duration,
                 "summary": outcome.summary})
+
+    def _call_back(self, tr: TaskRun, settled: asyncio.Future[Any]) -> None:
+        """Queue the task's callbacks once its done record is settled (callbacks.py)."""
+        if tr.stream.done is None:
+            return
+        done = orjson.loads(tr.stream.done)
+        log_path = log_size = None
+        if tr.log_file is not None:
+            log_path = str(tr.log_file.path)
+            with contextlib.suppress(OSError):
+                log_size = os.stat(log_path).st_size
+        tail = tr.output.tail if tr.output is not None and tr.output.tail is not None else b""
+        raw = callback_body(tr.task, done, output=tail_lines(bytes(tail), self.config.callback_lines),
+                            log_path=log_path, log_size=log_size, executor=self.id)
+
+        def send(_: object = None) -> None:
+            for destination in tr.callbacks:
+                self.callbacks.send(destination, raw)
+
+        if settled.done():
+            send()
+        else:
+            settled.add_done_callback(send)
+
+    def _callbacks_for(self, task: Task, entry: Entry | None) -> tuple[str, ...]:
+        """Where a task's completion goes: config's, its entry's, and task.callback when it
+        lies under one of the operator's callback_allow prefixes (else the task is refused)."""
+        cfg = self.config
+        urls = [u for u in (cfg.callback_url, entry.callback_url if entry else "") if u]
+        channels = [c for c in (cfg.callback_channel, entry.callback_channel if entry else "") if c]
+        out = [*urls, *(REDIS_PREFIX + c for c in channels)]
+        if task.callback is not None and allowed(task.callback, cfg.callback_allow):
+            out.append(task.callback)
+        return tuple(dict.fromkeys(out))
 
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
@@ -776,9 +831,19 @@ class Executor:
         entry = None
         if task.name is not None:  # a catalogue entry: the operator's command, the request's args
             entry = self.catalogue.get(task.name)
+            tr.callbacks = self._callbacks_for(task, entry)
             if entry is None:
                 raise ConfinementError(f"no catalogue entry {task.name!r}"
                                        + ("" if cfg.catalogue else " (no catalogue is configured)"))
+            if entry.labels and not labels_match(entry.labels, cfg.labels):
+                raise ConfinementError(f"catalogue entry {task.name!r} runs on executors labelled "
+                                       f"{orjson.dumps(entry.labels).decode()}; this one is not (submit "
+                                       "it through the API, which places it, or give task.labels)")
+        else:
+            tr.callbacks = self._callbacks_for(task, None)
+        if task.callback is not None and task.callback not in tr.callbacks:
+            raise ConfinementError("task.callback is not under one of this executor's callback_allow "
+                                   "prefixes" + ("" if cfg.callback_allow else " (none are configured)"))
         if task.env:
             self.env_policy.check(task.env)
         base_env = {**self._env, **entry.env} if entry is not None else self._env
@@ -790,8 +855,9 @@ class Executor:
             argv, workdir = entry.argv(task.cmd_args, cfg.cmd_dir), self.policy.workdir(task.cwd)
         else:
             argv, workdir = self.policy.confine(task.argv, task.cwd)
-        limits = effective(task.limits, cfg.limits_default, cfg.limits_max) \
-            if task.limits or cfg.limits_default or cfg.limits_max else NO_LIMITS
+        wanted = {**entry.limits, **task.limits} if entry is not None and entry.limits else task.limits
+        limits = effective(wanted, cfg.limits_default, cfg.limits_max) \
+            if wanted or cfg.limits_default or cfg.limits_max else NO_LIMITS
         timeout, limit = task.timeout, task.max_output if task.max_output is not None else cfg.max_output
         if timeout is None and entry is not None:
             timeout = entry.timeout
@@ -800,10 +866,14 @@ class Executor:
         if tr.kill_reason is not None:
             return Outcome(Status.KILLED, f"killed before it started ({tr.kill_reason})")
         if cfg.log_dir:
-            tr.log_file = await asyncio.to_thread(TaskLogFile, cfg.log_dir, task.id, time.time())
+            tr.log_file = await asyncio.to_thread(
+                TaskLogFile, cfg.log_dir, task.id, time.time(), label=task.label,
+                namespace=(entry.namespace if entry is not None else "") or cfg.log_namespace)
         over = (lambda: tr.kill(f"max_output of {limit} bytes exceeded")) \
             if cfg.max_output_action == "kill" else None
-        output = _OutputGate(self.sink if cfg.logs else None, tr.stream, limit, tr.log_file, over)
+        output = tr.output = _OutputGate(self.sink if cfg.logs else None, tr.stream, limit, tr.log_file, over)
+        if tr.callbacks and cfg.callback_lines:
+            output.tail = bytearray()
         run = Run(argv, cwd=workdir, env=env, stdin=task.stdin,
                   timeout=timeout, kill_grace=cfg.kill_grace,
                   record_max_bytes=cfg.record_max_bytes, on_output=output.put,
@@ -1033,6 +1103,7 @@ class _OutputGate:
         self.on_exceeded = on_exceeded
         self.kept = 0
         self.dropped = 0
+        self.tail: bytearray | None = None  # the last TAIL_BYTES, kept when a callback wants them
 
     async def put(self, kind: MsgType, data: bytes) -> None:
         if self.limit:
@@ -1045,6 +1116,9 @@ class _OutputGate:
             if not data:
                 return
             self.kept += len(data)
+        if self.tail is not None:
+            self.tail += data[-TAIL_BYTES:]
+            del self.tail[:-TAIL_BYTES]
         if self.log_file is not None:
             await asyncio.to_thread(self.log_file.write, data)
         if self.sink is not None:

@@ -40,6 +40,22 @@ def file_stem(task_id: str) -> str:
     return f"{head}~{hashlib.sha256(raw).hexdigest()[:40]}"
 
 
+def shared_label_stem(label: str, task_id: str) -> str:
+    """The file name of a task whose label another task already has (that day): the label's
+    stem, '+', the id's stem ('+' is always escaped inside a stem, so this never collides with
+    a label's own name or another pair); cut with a digest of both past STEM_MAX."""
+    stem = f"{file_stem(label)}+{file_stem(task_id)}"
+    if len(stem) <= STEM_MAX:
+        return stem
+    head = stem[:100]
+    cut = head.rfind("%", len(head) - 2)
+    if cut >= 0:
+        head = head[:cut]
+    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass") + b"\0"
+                            + task_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return f"{head}~{digest}"
+
+
 class DiskErrors:
     """Counts file errors of one kind and logs once per change of state (failing <-> fine),
     so a full disk neither floods the log nor goes unnoticed."""
@@ -79,19 +95,28 @@ class TaskLogFile:
     a permission) never reaches the task: it is counted and logged, the task runs on."""
 
     def __init__(self, log_dir: str, task_id: str, started: float,
-                 errors: DiskErrors = LOG_FILE_ERRORS) -> None:
+                 errors: DiskErrors = LOG_FILE_ERRORS, *, label: str | None = None,
+                 namespace: str = "default") -> None:
         day = dt.datetime.fromtimestamp(started).strftime("%Y-%m-%d")
-        folder = Path(log_dir) / day
-        stem = file_stem(task_id)
-        self.path = folder / f"{stem}.log"
-        self.done_path = folder / f"{stem}.json"
+        # pueue-NATS' layout for a labelled task: <namespace>/<date>/<label>.log
+        folder = Path(log_dir) / day if label is None else Path(log_dir) / namespace / day
+        stem = file_stem(task_id if label is None else label)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         self.errors = errors
         self._fd = -1
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+            if label is not None:
+                try:  # the label's own name, if no other task has it today
+                    self._fd = os.open(folder / f"{stem}.log", flags | os.O_EXCL, 0o640)
+                except FileExistsError:
+                    stem = shared_label_stem(label, task_id)
+            if self._fd < 0:
+                self._fd = os.open(folder / f"{stem}.log", flags, 0o640)
         except OSError as exc:
-            errors.failed(exc, self.path)
+            errors.failed(exc, folder / f"{stem}.log")
+        self.path = folder / f"{stem}.log"
+        self.done_path = folder / f"{stem}.json"
 
     def write(self, data: bytes) -> None:
         if self._fd < 0:
@@ -135,9 +160,16 @@ def prune(log_dir: str, keep_days: int, today: dt.date | None = None) -> int:
         return 0
     cutoff = (today or dt.date.today()) - dt.timedelta(days=keep_days)
     removed = 0
-    for folder in root.iterdir():
-        if folder.is_dir() and _DATE_DIR.fullmatch(folder.name):
-            if dt.date.fromisoformat(folder.name) < cutoff:
+    # Date folders at the top, and inside namespace folders (labelled tasks' layout).
+    folders = [f for f in root.iterdir() if f.is_dir()]
+    folders += [f for ns in folders if not _DATE_DIR.fullmatch(ns.name) for f in ns.iterdir() if f.is_dir()]
+    for folder in folders:
+        if _DATE_DIR.fullmatch(folder.name):
+            try:
+                old = dt.date.fromisoformat(folder.name) < cutoff
+            except ValueError:  # 2024-13-45: not a date folder of ours
+                continue
+            if old:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed += 1
     if removed:

@@ -80,6 +80,8 @@ class Task:
     depends_on: tuple[str, ...] = ()  # task.depends_on: ids that must succeed first
     depends_timeout: float | None = None  # the longest it waits for them (None: config's)
     name: str | None = None  # task.name: a catalogue entry instead of cmdline (argv is then ())
+    label: str | None = None  # task.label: the pueue-NATS label (log file name, callbacks)
+    callback: str | None = None  # task.callback: a webhook URL, under the operator's callback_allow
 
     @property
     def retrying(self) -> bool:
@@ -300,6 +302,13 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         depends_timeout = _number(spec["depends_timeout"], "task.depends_timeout", task_id)
         if depends_timeout <= 0:
             raise ProtocolError("'task.depends_timeout' must be more than 0 seconds", task_id)
+    label = None if spec.get("label") is None else _string(spec["label"], "task.label", task_id)
+    if label is not None and (not label or len(label) > 256 or not label.isprintable()):
+        raise ProtocolError("'task.label' must be a printable string of 1-256 characters", task_id)
+    callback = None if spec.get("callback") is None else _string(spec["callback"], "task.callback", task_id)
+    if callback is not None and (len(callback) > 2048 or not callback.startswith(("http://", "https://"))):
+        raise ProtocolError("'task.callback' must be an http:// or https:// URL of at most 2048 characters",
+                            task_id)
     by = obj.get("submitted_by")
     if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
         raise ProtocolError("'submitted_by' must be a printable string of at most 256 characters", task_id)
@@ -312,7 +321,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
         retry_on=_retry_on(retry_on, spec, on_lost), retry_delay=retry_delay,
         retry_delay_max=retry_delay_max, group=group, depends_on=depends_on,
-        depends_timeout=depends_timeout, name=name, raw=data,
+        depends_timeout=depends_timeout, name=name, label=label, callback=callback, raw=data,
     )
 
 
@@ -510,6 +519,7 @@ def build_task(
     on_lost: str | None = None, labels: dict[str, Any] | None = None, executor: str | None = None,
     enqueue_at: float | None = None, depends_on: Sequence[str] | None = None,
     depends_timeout: float | None = None, group: str | None = None, name: str | None = None,
+    label: str | None = None, callback: str | None = None,
 ) -> bytes:
     """The JSON of a task message, as `task-job submit` pushes it (with `name`, a catalogue
     entry's, and no cmdline)."""
@@ -519,7 +529,8 @@ def build_task(
                        ("on_lost", on_lost), ("labels", labels), ("executor", executor),
                        ("enqueue_at", enqueue_at),
                        ("depends_on", list(depends_on) if depends_on else None),
-                       ("depends_timeout", depends_timeout), ("group", group)):
+                       ("depends_timeout", depends_timeout), ("group", group), ("label", label),
+                       ("callback", callback)):
         if value:
             spec[key] = value
     msg: dict[str, Any] = {"id": task_id}

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from task_job import __version__
+from task_job.api import facade
 from task_job.api.auth import Principal, Tokens
 from task_job.client import TASK_STATUSES, AsyncClient
 from task_job.config import Config
@@ -228,6 +229,7 @@ async def submit(request: web.Request) -> web.Response:
     principal = principal_of(request)
     if is_dag(body):
         return await _submit_dag(request, service, principal, body)
+    facade.with_entry_labels(service, body)
     try:
         if principal.allow:  # checked before anything is pushed
             _admit(service, principal, parse_task(orjson.dumps(body), service.config.max_message_bytes,

@@ -56,6 +56,15 @@ def _catalogue(service: Any) -> Any:
     return held
 
 
+def with_entry_labels(service: Any, body: dict[str, Any]) -> None:
+    """A named task without labels of its own is placed by its entry's `labels`."""
+    spec = body.get("task")
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str) and not spec.get("labels"):
+        entry = _catalogue(service).get(spec["name"])
+        if entry is not None and entry.labels:
+            spec["labels"] = dict(entry.labels)
+
+
 async def _arguments(request: web.Request) -> list[str]:
     raw = await request.read()
     if not raw.strip():
@@ -82,7 +91,8 @@ async def _start(request: web.Request) -> tuple[Any, str]:
         raise app.ApiError(403, "forbidden", f"token {principal.name!r} may not run {name!r}")
     args = await _arguments(request)
     session = str(uuid.uuid4())
-    message = {"id": session, "task": {"name": name, "cmd_args": args}}
+    message: dict[str, Any] = {"id": session, "task": {"name": name, "cmd_args": args}}
+    with_entry_labels(service, message)
     try:
         await service.client.submit_message(message, by=app.who(request))
     except ProtocolError as exc:
