@@ -274,3 +274,25 @@ async def test_submit_by_name_from_the_cli(catalogued: tuple[Config, Path, Any],
     nothing = subprocess.run([sys.executable, "-m", "task_job.cli", "submit", "--config", str(path)],
                              capture_output=True, text=True, timeout=60)
     assert nothing.returncode == 2 and "--name ENTRY" in nothing.stderr
+
+
+def test_the_api_places_a_named_task_by_its_entrys_labels(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from task_job.api.facade import with_entry_labels
+
+    path = tmp_path / "e.json"
+    path.write_text('[{"name": "gpu", "cluster_type": "x", "language": "binary", "executable": "g",'
+                    ' "collected": true, "labels": {"gpu": "yes"}, "limits": {"max_memory_mb": 64}},'
+                    ' {"name": "bad", "cluster_type": "x", "language": "binary", "executable": "g",'
+                    ' "collected": true, "labels": {"gpu": 1}}]')
+    catalogue = load(str(path))
+    assert catalogue.entries["gpu"].limits == {"max_memory_mb": 64}
+    assert len(catalogue.errors) == 1 and "'labels.gpu'" in catalogue.errors[0]
+    service = SimpleNamespace(executor=SimpleNamespace(catalogue=catalogue))
+    body: dict[str, Any] = {"id": "1", "task": {"name": "gpu"}}
+    with_entry_labels(service, body)
+    assert body["task"]["labels"] == {"gpu": "yes"}
+    own: dict[str, Any] = {"id": "2", "task": {"name": "gpu", "labels": {"zone": "a"}}}
+    with_entry_labels(service, own)
+    assert own["task"]["labels"] == {"zone": "a"}  # the task's own selectors win
