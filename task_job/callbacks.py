@@ -44,11 +44,19 @@ SUFFIX = ".cbspool"
 RETRY_CAP = 5.0
 IDLE = 60.0  # seconds a sender with nothing to send stays
 READ_BYTES = 256 << 10
-REDIS_PREFIX = "redis:"  # a destination that is a pub/sub channel, not a URL
+REDIS_PREFIX = "redis:"  # a destination that is a Redis pub/sub channel, not a URL
+NATS_PREFIX = "nats:"  # ... a NATS subject (bridges/nats.py)
 
 # pueue's TaskResult, as the pueue-NATS callback reports it; `status` keeps task-job's own.
 RESULTS = {"succeeded": "Success", "failed": "Failed", "timeout": "Failed", "killed": "Killed",
-           "cancelled": "Killed", "rejected": "Failed to spawn", "lost": "Errored"}
+           "cancelled": "Killed", "rejected": "FailedToSpawn", "lost": "Errored"}
+
+
+def result_of(status: str, summary: str) -> str:
+    """pueue's TaskResult name of a done record (a wait ended by a dependency: DependencyFailed)."""
+    if status == "cancelled" and summary.startswith("cancelled: dependency"):
+        return "DependencyFailed"
+    return RESULTS.get(status, status)
 
 
 def allowed(url: str, prefixes: tuple[str, ...]) -> bool:
@@ -95,7 +103,7 @@ def body(task: Task, done: dict[str, Any], *, output: str, log_path: str | None,
     status = str(done.get("status"))
     started, finished = done.get("started_at"), done.get("finished_at")
     out: dict[str, Any] = {
-        "id": task.id, "command": command_of(task), "result": RESULTS.get(status, status),
+        "id": task.id, "command": command_of(task), "result": result_of(status, str(done.get("data") or "")),
         "exit_code": done.get("exit_code"), "group": task.group or "default",
         "label": task.label, "start": int(started) if started is not None else None,
         "end": int(finished) if finished is not None else None, "output": output,
@@ -123,13 +131,13 @@ class Callbacks:
     """Senders per destination, fed by `send`; `run` serves them until `close`."""
 
     def __init__(self, *, state_dir: Path, executor: str, secret: str, timeout: float,
-                 publish: Callable[[str, bytes], Awaitable[Any]]) -> None:
+                 publishers: dict[str, Callable[[str, bytes], Awaitable[Any]]]) -> None:
         self.dir = state_dir / "callbacks"
         self.dead_dir = state_dir / "callbacks-dead"
         self.executor = executor
         self.secret = secret
         self.timeout = timeout
-        self.publish = publish
+        self.publishers = publishers  # by destination prefix: "redis:", "nats:"
         self._lanes: dict[str, _Lane] = {}
         self.run_id = uuid.uuid4().hex[:8]  # in spool names: never the file of an earlier run
         self._tasks: set[asyncio.Task[None]] = set()
@@ -188,10 +196,14 @@ class Callbacks:
 
     async def deliver(self, destination: str, raw: bytes, task_id: str) -> None:
         """One attempt; raises ConnectionError to retry, Rejected to give up."""
-        if destination.startswith(REDIS_PREFIX):
+        prefix = destination.split(":", 1)[0] + ":"
+        if prefix in (REDIS_PREFIX, NATS_PREFIX):
+            publish = self.publishers.get(prefix)
+            if publish is None:  # e.g. a NATS callback spooled by a run that had nats_url
+                raise ConnectionError(f"no {prefix[:-1]} connection")
             try:
-                await self.publish(destination[len(REDIS_PREFIX):], raw)
-            except Exception as exc:  # Redis away: retried like a webhook
+                await publish(destination[len(prefix):], raw)
+            except Exception as exc:  # the server away: retried like a webhook
                 raise ConnectionError(repr(exc)) from exc
             return
         import aiohttp

@@ -92,6 +92,29 @@ class Catalogue:
         return self.entries.get(name)
 
 
+class CatalogueFile:
+    """The catalogue of a process without an executor (the API alone, the gRPC server): read
+    again when the file's mtime changes; a file that cannot be read keeps the last good one."""
+
+    def __init__(self, path: str, path_env: str | None = None) -> None:
+        self.path = path
+        self.path_env = path_env
+        self._held: Catalogue | None = None
+
+    def current(self) -> Catalogue:
+        if not self.path:
+            return Catalogue()
+        try:
+            if self._held is None or os.stat(self.path).st_mtime != self._held.mtime:
+                self._held = load(self.path, self.path_env)
+                for line in self._held.errors:
+                    log.error("catalogue entry left out", extra={"reason": line})
+        except Exception as exc:  # unreadable now: the last good one, or none
+            log.error("catalogue not read; the last good one stays", extra={"reason": str(exc)})
+            return self._held or Catalogue()
+        return self._held
+
+
 def _read(path: str) -> Any:
     with open(path, "rb") as f:
         data = f.read()

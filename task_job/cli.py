@@ -535,6 +535,48 @@ def api(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         fail(f"api: {exc.strerror or exc}", code=1)
 
 
+@cli.command("grpc")
+@config_option
+@redis_option
+@queue_option
+@click.option("--addr", default="127.0.0.1:50051", show_default=True, metavar="HOST:PORT",
+              help="Where to listen (beyond loopback: TLS and mutual TLS or api_tokens).")
+@click.option("--tls-cert", default="", metavar="PEM", help="Serve over TLS with this certificate.")
+@click.option("--tls-key", default="", metavar="PEM", help="Its private key.")
+@click.option("--tls-ca-cert", "tls_ca", default="", metavar="PEM",
+              help="Mutual TLS: clients must present a certificate signed by this CA.")
+def grpc_command(config_path: str | None, redis_addr: str | None, queue_name: str | None, addr: str,
+                 tls_cert: str, tls_key: str, tls_ca: str) -> None:
+    """Serve the gRPC task scheduler's SubmitTask/GetResult (methods are catalogue entries;
+    pip install 'task-job[grpc]')."""
+    from task_job.logs import setup_logging
+
+    config = _load(config_path, check_paths=False, redis_addr=redis_addr, queue_name=queue_name)
+    setup_logging(config.log_level, config.log_dir, to_stderr=not config.log_dir)
+    try:
+        from task_job.bridges import grpc as bridge
+    except ImportError as exc:
+        fail(f"grpc: {exc.name or exc} is not installed: pip install 'task-job[grpc]'")
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        server = await bridge.serve(config, addr=addr, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
+        try:
+            await stop.wait()
+        finally:
+            await server.stop(5)
+
+    try:
+        asyncio.run(serve())
+    except TaskJobError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"grpc: {exc.strerror or exc}", code=1)
+
+
 def _print_json(data: Any) -> None:
     click.echo(orjson.dumps(data).decode())
 

@@ -194,6 +194,17 @@ class Config:
     callback_secret: str = field(default="", repr=False)  # signs each POST (X-Task-Job-Signature)
     callback_lines: int = 10  # lines of output in a callback's `output`
     log_namespace: str = "default"  # <log_dir>/<namespace>/<date>/<label>.log for labelled tasks
+    # The pueue-NATS worker's subjects (task_job/bridges/nats.py; pip install 'task-job[nats]').
+    nats_url: str = field(default="", repr=False)  # "" = off; nats://[user:pass@]host:4222, tls://...
+    nats_prefix: str = "pueued"  # <prefix>.worker.<id>, <prefix>.registry, <prefix>.tasks.callback
+    nats_worker_id: str = ""  # "" = the executor id made subject-safe (pueue's WORKER_ID)
+    nats_creds: str = ""  # a NATS credentials file (JWT and NKey seed)
+    nats_tls_ca: str = ""  # verify the server with this CA (tls:// URLs)
+    nats_tls_cert: str = ""  # present this client certificate
+    nats_tls_key: str = ""
+    nats_callbacks: str = "nats"  # publish callbacks on <prefix>.tasks.callback for: nats (its tasks), all
+    nats_stream: str = ""  # JetStream: a durable consumer on this stream (reliable); "" = core NATS
+    nats_registry_interval: float = 30.0  # seconds between UP records on <prefix>.registry
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -222,7 +233,7 @@ class Config:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in ("redis_addr", "logs_http", "callback_url"):
+            if f.name in ("redis_addr", "logs_http", "callback_url", "nats_url"):
                 value = redact_url(value)
             elif f.name == "callback_secret":
                 value = "***" if value else ""
@@ -516,11 +527,33 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
             config.facade_token not in {t.name for t in config.api_tokens}:
         raise ConfigError(f"facade_token: {config.facade_token!r} is not the name of one of api_tokens")
     validate_callbacks(config)
+    validate_nats(config)
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")
         if config.log_dir and os.path.exists(config.log_dir) and not os.path.isdir(config.log_dir):
             raise ConfigError(f"log_dir: {config.log_dir} is not a directory")
+
+
+def validate_nats(config: Config) -> None:
+    if not config.nats_url:
+        return
+    for url in config.nats_url.split(","):
+        if not url.strip().startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ConfigError(f"nats_url: nats://, tls://, ws:// or wss:// URLs, comma-separated "
+                              f"(got {redact_url(url.strip())!r})")
+    token = r"[A-Za-z0-9_-]{1,64}"
+    if not re.fullmatch(rf"{token}(\.{token})*", config.nats_prefix):
+        raise ConfigError("nats_prefix: subject tokens of letters, digits, '_', '-', joined by '.'")
+    if config.nats_worker_id and not re.fullmatch(token, config.nats_worker_id):
+        raise ConfigError("nats_worker_id: 1-64 letters, digits, '_', '-' (one subject token)")
+    if config.nats_stream and not re.fullmatch(token, config.nats_stream):
+        raise ConfigError("nats_stream: 1-64 letters, digits, '_', '-'")
+    if config.nats_callbacks not in ("nats", "all"):
+        raise ConfigError("nats_callbacks: nats or all")
+    if bool(config.nats_tls_cert) != bool(config.nats_tls_key):
+        raise ConfigError("nats_tls_key: nats_tls_cert and nats_tls_key go together")
+    _positive(config, "nats_registry_interval")
 
 
 def validate_callbacks(config: Config) -> None:

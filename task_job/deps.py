@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -57,9 +57,11 @@ def refuse(verdict: str, detail: str, task_id: str) -> None:
         raise ProtocolError(f"the DAG depends on {detail!r}, which is neither in it nor known", task_id)
 
 
-async def end_waiting(broker: Any, sink: Any, executor: str) -> int:
+async def end_waiting(broker: Any, sink: Any, executor: str,
+                      ended_hook: Callable[[bytes, bytes], None] | None = None) -> int:
     """Write the `cancelled` done record of each waiting task marked to end (timed out,
-    a dependency that did not succeed, a kill). Returns how many this call ended."""
+    a dependency that did not succeed, a kill); `ended_hook(message, done record)` is told
+    of each (the executor's callbacks). Returns how many this call ended."""
     redis = broker.redis
     waiting, until, why = broker.keys.waiting
     sec, usec = await redis.time()
@@ -84,6 +86,8 @@ async def end_waiting(broker: Any, sink: Any, executor: str) -> int:
         if written:
             ended += 1
             log.info("waiting task cancelled", extra={"task_id": task_id, "reason": text})
+            if ended_hook is not None and stream.done is not None:
+                ended_hook(message, stream.done)
     return ended
 
 

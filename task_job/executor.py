@@ -25,7 +25,7 @@ import orjson
 
 from task_job import __version__
 from task_job.broker import Broker, Oversize, parked_member
-from task_job.callbacks import REDIS_PREFIX, Callbacks, allowed, tail_lines
+from task_job.callbacks import NATS_PREFIX, REDIS_PREFIX, Callbacks, allowed, tail_lines
 from task_job.callbacks import body as callback_body
 from task_job.catalogue import Catalogue, Entry
 from task_job.catalogue import load as load_catalogue
@@ -181,7 +181,8 @@ class Executor:
         self.catalogue = Catalogue()  # named tasks (catalogue.py); loaded in run()
         self.callbacks = Callbacks(state_dir=Path(config.state_dir), executor=self.id,
                                    secret=config.callback_secret, timeout=config.http_timeout,
-                                   publish=lambda channel, raw: self.broker.redis.publish(channel, raw))
+                                   publishers={REDIS_PREFIX: lambda channel, raw: self.broker.redis.publish(channel, raw)})
+        self.nats: Any = None  # bridges.nats.NatsBridge with nats_url
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -239,6 +240,12 @@ class Executor:
 
             self.api = ApiServer(cfg, executor=self)
             await self.api.start()
+        if cfg.nats_url:  # nats-py is imported only when it is used
+            from task_job.bridges.nats import NatsBridge
+
+            self.nats = NatsBridge(self)
+            await self.nats.start()
+            self.callbacks.publishers[NATS_PREFIX] = self.nats.publish
         self._ready.set()
         # What start-up made (modules, aiohttp's when the API is on) lives as long as the
         # process: out of the collector's way, full collections stay as cheap as at start.
@@ -265,6 +272,8 @@ class Executor:
                 if cfg.dead_max_len or cfg.logs_max_len:
                     background.append(tg.create_task(self._caps_loop()))
                 await self._claim_loop(tg)
+                if self.nats is not None:
+                    await self.nats.stop_receiving()
                 self.broker.shorten_deadlines(SHUTDOWN_DEADLINE)
                 if self.link.connected_for() > 0:  # known unreachable: not worth a wait
                     await self.fleet.mark("draining")
@@ -287,6 +296,8 @@ class Executor:
                 except TimeoutError:
                     callbacks.cancel()
         finally:
+            if self.nats is not None:
+                await self.nats.close()
             if self.api is not None:
                 await self.api.stop()
             for spawner in self._spawners.values():
@@ -600,7 +611,21 @@ class Executor:
                 self.reload_catalogue()
 
     async def _end_waiting(self) -> None:
-        await end_waiting(self.broker, self.sink, self.id)
+        await end_waiting(self.broker, self.sink, self.id, self._ended_waiting)
+
+    def _ended_waiting(self, message: bytes, done: bytes) -> None:
+        """Callbacks for a task that ended without running (its dependency failed, its wait
+        timed out, a kill): the same destinations as if it had run here."""
+        try:
+            task = parse_task(message)
+        except ProtocolError:
+            return
+        destinations = self._callbacks_for(task, self.catalogue.get(task.name) if task.name else None)
+        if destinations:
+            raw = callback_body(task, orjson.loads(done), output="", log_path=None, log_size=None,
+                                executor=self.id)
+            for destination in destinations:
+                self.callbacks.send(destination, raw)
 
     async def _is_for_me(self, raw: bytes, task: Task) -> bool:
         """A task for another executor goes to its queue; one whose labels this executor
@@ -721,6 +746,10 @@ class Executor:
                 attempt += 1
                 await backoff(attempt)
 
+    def reject_message(self, raw: bytes, reason: str, task_id: str | None) -> None:
+        """A message a bridge could not turn into a task: rejected, as a bad one on the queue."""
+        self._reject(raw, reason, task_id)
+
     def _reject(self, raw: bytes, reason: str, task_id: str | None) -> None:
         log.warning("rejected message", extra={"task_id": task_id, "status": "rejected",
                                                "reason": reason})
@@ -821,6 +850,8 @@ class Executor:
         urls = [u for u in (cfg.callback_url, entry.callback_url if entry else "") if u]
         channels = [c for c in (cfg.callback_channel, entry.callback_channel if entry else "") if c]
         out = [*urls, *(REDIS_PREFIX + c for c in channels)]
+        if self.nats is not None and (cfg.nats_callbacks == "all" or task.via == "nats"):
+            out.append(NATS_PREFIX + self.nats.callback_subject)
         if task.callback is not None and allowed(task.callback, cfg.callback_allow):
             out.append(task.callback)
         return tuple(dict.fromkeys(out))

@@ -48,6 +48,7 @@ class MsgType(StrEnum):
 
 ON_LOST_CHOICES = ("fail", "requeue")
 RETRY_ON = ("failed", "timeout", "lost")
+VIA = ("nats", "grpc")  # transports that mark their tasks (bridges/)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Task:
     name: str | None = None  # task.name: a catalogue entry instead of cmdline (argv is then ())
     label: str | None = None  # task.label: the pueue-NATS label (log file name, callbacks)
     callback: str | None = None  # task.callback: a webhook URL, under the operator's callback_allow
+    via: str | None = None  # top-level `via`: the transport it came by ("nats": called back there)
 
     @property
     def retrying(self) -> bool:
@@ -312,6 +314,9 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
     by = obj.get("submitted_by")
     if by is not None and (not isinstance(by, str) or len(by) > 256 or not by.isprintable()):
         raise ProtocolError("'submitted_by' must be a printable string of at most 256 characters", task_id)
+    via = obj.get("via")
+    if via is not None and via not in VIA:
+        raise ProtocolError(f"'via' must be one of {', '.join(VIA)}", task_id)
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
     return Task(
         id=task_id, cmdline=cmdline, argv=(*words, *cmd_args),
@@ -321,7 +326,7 @@ def parse_task(raw: bytes | str, max_bytes: int | None = None,
         submitted_by=by, labels=labels, executor=target, enqueue_at=enqueue_at, delay=delay,
         retry_on=_retry_on(retry_on, spec, on_lost), retry_delay=retry_delay,
         retry_delay_max=retry_delay_max, group=group, depends_on=depends_on,
-        depends_timeout=depends_timeout, name=name, label=label, callback=callback, raw=data,
+        depends_timeout=depends_timeout, name=name, label=label, callback=callback, via=via, raw=data,
     )
 
 

@@ -148,7 +148,7 @@ async def test_a_receiver_down_then_up_gets_each_callback_signed(
     assert (noisy["result"], noisy["exit_code"], noisy["group"], noisy["label"]) == ("Failed", 3, "nightly", "job-1")
     assert noisy["command"] == "noisy.sh" and noisy["output"] in ("line 5\nerr", "err\nline 5")
     assert first["result"] == "Success" and first["group"] == "default" and first["output"] == "[hello]"
-    assert outside["result"] == "Failed to spawn" and outside["log_path"] is None
+    assert outside["result"] == "FailedToSpawn" and outside["log_path"] is None
     assert isinstance(noisy["start"], int) and noisy["end"] >= noisy["start"] and noisy["usage"]
     # pueue-NATS' layout: <namespace>/<date>/<label>.log and .json; the second "job-1" has its own file.
     day = dt.date.today().isoformat()
@@ -253,7 +253,7 @@ async def test_callbacks_on_a_redis_channel_and_from_a_catalogue_entry(
     await wait_until(read_channel, 20, what="both on the channel", interval=0)
     pubsub.close()
     await wait_until(lambda: set(receiver.callbacks()) == {quick, slow}, 20, what="the entry's webhook")
-    assert published[elsewhere]["result"] == "Failed to spawn"
+    assert published[elsewhere]["result"] == "FailedToSpawn"
     body = published[quick]
     assert (body["name"], body["command"], body["output"]) == ("report", "report q 0", "report q 0")
     day = dt.date.today().isoformat()

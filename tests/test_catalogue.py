@@ -289,7 +289,7 @@ def test_the_api_places_a_named_task_by_its_entrys_labels(tmp_path: Path) -> Non
     catalogue = load(str(path))
     assert catalogue.entries["gpu"].limits == {"max_memory_mb": 64}
     assert len(catalogue.errors) == 1 and "'labels.gpu'" in catalogue.errors[0]
-    service = SimpleNamespace(executor=SimpleNamespace(catalogue=catalogue))
+    service = SimpleNamespace(catalogue=catalogue)
     body: dict[str, Any] = {"id": "1", "task": {"name": "gpu"}}
     with_entry_labels(service, body)
     assert body["task"]["labels"] == {"gpu": "yes"}

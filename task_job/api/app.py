@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from task_job import __version__
 from task_job.api import facade
 from task_job.api.auth import Principal, Tokens
+from task_job.catalogue import Catalogue, CatalogueFile
 from task_job.client import TASK_STATUSES, AsyncClient
 from task_job.config import Config
 from task_job.confine import Policy
@@ -45,6 +46,16 @@ class Service:
     executor: Any = None
     started: float = field(default_factory=time.monotonic)
     _snapshot: tuple[float, bytes] = (0.0, b"")  # the fleet snapshot events share (when, JSON)
+    _catalogue: CatalogueFile | None = None
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """The executor's catalogue, or (the API alone) the config's file, read on change."""
+        if self.executor is not None:
+            return self.executor.catalogue  # type: ignore[no-any-return]
+        if self._catalogue is None:
+            self._catalogue = CatalogueFile(self.config.catalogue)
+        return self._catalogue.current()
     _snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def snapshot(self, max_age: float) -> bytes:

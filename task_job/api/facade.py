@@ -12,7 +12,6 @@ with `allow` limited to catalogue names); without it they need a token like ever
 from __future__ import annotations
 
 import datetime as dt
-import os
 import time
 import uuid
 from typing import Any
@@ -36,24 +35,8 @@ def _app() -> Any:
     return app
 
 
-_standalone: dict[str, Any] = {}  # `task-job api` without an executor: its own copy, reloaded on change
-
-
 def _catalogue(service: Any) -> Any:
-    if service.executor is not None:
-        return service.executor.catalogue
-    from task_job.catalogue import Catalogue, load
-
-    path = service.config.catalogue
-    if not path:
-        return Catalogue()
-    held = _standalone.get(path)
-    try:
-        if held is None or os.stat(path).st_mtime != held.mtime:
-            _standalone[path] = held = load(path)
-    except Exception:  # unreadable now: the last good one, or none
-        return held or Catalogue()
-    return held
+    return service.catalogue
 
 
 def with_entry_labels(service: Any, body: dict[str, Any]) -> None:
