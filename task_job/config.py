@@ -205,6 +205,11 @@ class Config:
     nats_callbacks: str = "nats"  # publish callbacks on <prefix>.tasks.callback for: nats (its tasks), all
     nats_stream: str = ""  # JetStream: a durable consumer on this stream (reliable); "" = core NATS
     nats_registry_interval: float = 30.0  # seconds between UP records on <prefix>.registry
+    # The gRPC task scheduler's service from the executor itself (task_job/bridges/grpc.py).
+    grpc_addr: str = ""  # "" = off (task-job grpc serves it alone); e.g. 127.0.0.1:50051
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = field(default="", repr=False)
+    grpc_tls_ca: str = ""  # mutual TLS
 
     def __post_init__(self) -> None:
         # Derived defaults, as the original: an empty string means "use the default".
@@ -528,6 +533,7 @@ def validate(config: Config, *, check_paths: bool = True) -> None:
         raise ConfigError(f"facade_token: {config.facade_token!r} is not the name of one of api_tokens")
     validate_callbacks(config)
     validate_nats(config)
+    validate_grpc(config)
     if check_paths:
         if not os.path.isdir(config.cmd_dir):
             raise ConfigError(f"cmd_dir: {config.cmd_dir} is not a directory")
@@ -554,6 +560,15 @@ def validate_nats(config: Config) -> None:
     if bool(config.nats_tls_cert) != bool(config.nats_tls_key):
         raise ConfigError("nats_tls_key: nats_tls_cert and nats_tls_key go together")
     _positive(config, "nats_registry_interval")
+
+
+def validate_grpc(config: Config) -> None:
+    if config.grpc_addr and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):\d{1,5}", config.grpc_addr):
+        raise ConfigError(f"grpc_addr: HOST:PORT (got {config.grpc_addr!r})")
+    if bool(config.grpc_tls_cert) != bool(config.grpc_tls_key):
+        raise ConfigError("grpc_tls_key: grpc_tls_cert and grpc_tls_key go together")
+    if config.grpc_tls_ca and not config.grpc_tls_cert:
+        raise ConfigError("grpc_tls_ca: mutual TLS needs grpc_tls_cert and grpc_tls_key")
 
 
 def validate_callbacks(config: Config) -> None:

@@ -183,6 +183,8 @@ class Executor:
                                    secret=config.callback_secret, timeout=config.http_timeout,
                                    publishers={REDIS_PREFIX: lambda channel, raw: self.broker.redis.publish(channel, raw)})
         self.nats: Any = None  # bridges.nats.NatsBridge with nats_url
+        self.grpc: Any = None  # a grpc.aio server with grpc_addr
+        self._grpc_client: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -246,6 +248,14 @@ class Executor:
             self.nats = NatsBridge(self)
             await self.nats.start()
             self.callbacks.publishers[NATS_PREFIX] = self.nats.publish
+        if cfg.grpc_addr:  # grpcio is imported only when it is used
+            from task_job.bridges import grpc as grpc_bridge
+            from task_job.client import AsyncClient
+
+            self._grpc_client = AsyncClient(cfg)
+            self.grpc = await grpc_bridge.serve(
+                cfg, addr=cfg.grpc_addr, tls_cert=cfg.grpc_tls_cert, tls_key=cfg.grpc_tls_key,
+                tls_ca=cfg.grpc_tls_ca, client=self._grpc_client, catalogue=lambda: self.catalogue)
         self._ready.set()
         # What start-up made (modules, aiohttp's when the API is on) lives as long as the
         # process: out of the collector's way, full collections stay as cheap as at start.
@@ -296,6 +306,9 @@ class Executor:
                 except TimeoutError:
                     callbacks.cancel()
         finally:
+            if self.grpc is not None:
+                await self.grpc.stop(SHUTDOWN_DEADLINE)
+                await self._grpc_client.close()
             if self.nats is not None:
                 await self.nats.close()
             if self.api is not None:

@@ -210,3 +210,22 @@ def test_a_listener_beyond_loopback_needs_tls_and_a_way_to_authenticate() -> Non
         bridge.check_listen("10.0.0.5:50051", "cert.pem", "", None)
     assert not bridge.check_listen("10.0.0.5:50051", "cert.pem", "", Tokens(()))  # tokens needed
     assert bridge.check_listen("10.0.0.5:50051", "cert.pem", "ca.pem", None)  # mutual TLS
+
+
+async def test_an_executor_serves_the_service_itself_with_grpc_addr(
+        make_config: Callable[..., Config], start_executor: Any, tmp_path: Path) -> None:
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(orjson.dumps(ENTRIES[:1]).decode())
+    addr = f"127.0.0.1:{free_port()}"
+    handle = await start_executor(make_config(catalogue=str(catalogue), grpc_addr=addr))
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = pb_grpc.TaskSchedulerStub(channel)
+        reply = await stub.SubmitTask(pb.TaskRequest(method="echo-args", args=[packed(wrappers_pb2.StringValue(value="x"))]))
+        assert (reply.status, reply.result) == (pb.SUCCESS, "[x]\n")
+        catalogue.write_text(orjson.dumps(ENTRIES).decode())
+        handle.executor.reload_catalogue()  # the executor's own catalogue, as SIGHUP reloads it
+        assert (await stub.SubmitTask(pb.TaskRequest(method="broken"))).status == pb.FAILED
+    await handle.stop()
+    async with grpc.aio.insecure_channel(addr) as channel:  # stopped with the executor
+        with pytest.raises(grpc.aio.AioRpcError):
+            await pb_grpc.TaskSchedulerStub(channel).GetResult(pb.ResultRequest(task_id="x"), timeout=5)
