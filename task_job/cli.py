@@ -515,10 +515,7 @@ def api(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         from task_job.api.serve import ApiServer
 
         server = ApiServer(config)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         await server.start()
         if server.token_file:
             click.echo(f"task-job: admin token in {server.token_file}", err=True)
@@ -527,12 +524,26 @@ def api(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         finally:
             await server.stop()
 
+    _serve_listener(serve(), "api")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """Set on SIGTERM or SIGINT (a server's main coroutine waits on it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _serve_listener(main: Any, what: str) -> None:
+    """Run a server that needs no Redis to start: a mistake is one line and a non-zero exit."""
     try:
-        asyncio.run(serve())
+        asyncio.run(main)
     except TaskJobError as exc:
         fail(str(exc))
     except OSError as exc:
-        fail(f"api: {exc.strerror or exc}", code=1)
+        fail(f"{what}: {exc.strerror or exc}", code=1)
 
 
 @cli.command("grpc")
@@ -559,22 +570,14 @@ def grpc_command(config_path: str | None, redis_addr: str | None, queue_name: st
         fail(f"grpc: {exc.name or exc} is not installed: pip install 'task-job[grpc]'")
 
     async def serve() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         server = await bridge.serve(config, addr=addr, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca)
         try:
             await stop.wait()
         finally:
             await server.stop(5)
 
-    try:
-        asyncio.run(serve())
-    except TaskJobError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"grpc: {exc.strerror or exc}", code=1)
+    _serve_listener(serve(), "grpc")
 
 
 def _print_json(data: Any) -> None:

@@ -229,3 +229,27 @@ async def test_an_executor_serves_the_service_itself_with_grpc_addr(
     async with grpc.aio.insecure_channel(addr) as channel:  # stopped with the executor
         with pytest.raises(grpc.aio.AioRpcError):
             await pb_grpc.TaskSchedulerStub(channel).GetResult(pb.ResultRequest(task_id="x"), timeout=5)
+
+
+async def test_task_job_grpc_serves_alone_and_refuses_an_open_listener(
+        make_config: Callable[..., Config], start_executor: Any, spawn_executor: Any, tmp_path: Path) -> None:
+    import signal
+
+    from .conftest import write_config
+
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(orjson.dumps(ENTRIES).decode())
+    config = make_config(catalogue=str(catalogue))
+    await start_executor(config)
+    path = write_config(tmp_path / "grpc.json", config, catalogue=str(catalogue))
+    refused = spawn_executor("grpc", "--config", str(path), "--addr", f"0.0.0.0:{free_port()}")
+    assert refused.wait(30) == 2 and "beyond loopback" in refused.output()
+    addr = f"127.0.0.1:{free_port()}"
+    server = spawn_executor("grpc", "--config", str(path), "--addr", addr)
+    async with grpc.aio.insecure_channel(addr) as channel:
+        await wait_until(lambda: "gRPC service listening" in server.output(), 30, interval=0.05, what="the listener")
+        reply = await pb_grpc.TaskSchedulerStub(channel).SubmitTask(
+            pb.TaskRequest(method="echo-args", args=[packed(wrappers_pb2.StringValue(value="cli"))]))
+        assert (reply.status, reply.result) == (pb.SUCCESS, "[cli]\n")
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
