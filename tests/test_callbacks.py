@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import hmac
 import signal
-import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,17 +22,12 @@ from aiohttp import web
 
 from task_job.callbacks import allowed
 from task_job.config import Config
+from task_job.embedded import free_port
 from task_job.files import file_stem, shared_label_stem
 
 from .conftest import wait_done, wait_until, write_config
 
 SECRET = "callback-secret-" + uuid.uuid4().hex
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Receiver:
@@ -122,7 +116,7 @@ async def test_a_receiver_down_then_up_gets_each_callback_signed(
     receiver = receivers(fail_first=2)  # not listening yet; then two 500s
     log_dir = tmp_path / "logs"
     config = make_config(callback_url=receiver.url, callback_secret=SECRET, log_dir=str(log_dir),
-                         callback_lines=2)
+                         callback_lines=2, server_port=free_port())
     handle = await start_executor(config)
     (cmd_dir / "noisy.sh").write_text('for i in 1 2 3 4 5; do echo "line $i"; done\necho err >&2\nexit 3\n')
     ids = {push(sync_redis, config, "args.sh hello", label="job-1"): "succeeded",
@@ -164,6 +158,25 @@ async def test_a_receiver_down_then_up_gets_each_callback_signed(
     assert Path(escaped["log_path"]).parent == log_dir / "default" / day
     assert not list(tmp_path.glob("escape*")) and not list(log_dir.glob("escape*"))
     await wait_until(lambda: handle.executor.callbacks.pending == 0, 10, what="nothing pending")
+    metrics = await scrape(config)
+    assert metrics[("task_job_callbacks_total", "sent")] == len(receiver.requests) - 2
+    assert metrics[("task_job_callbacks_total", "failed")] >= 3  # refused connections, then two 500s
+    assert metrics[("task_job_callbacks_pending", "")] == 0 and SECRET not in str(config)
+
+
+async def scrape(config: Config) -> dict[tuple[str, str], float]:
+    """/metrics of the executor's API (its generated token), by (sample, outcome label)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    token = (Path(config.state_dir) / "api-token").read_text().strip()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{config.server_port}/metrics",
+                               headers={"Authorization": f"Bearer {token}"}) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    return {(s.name, s.labels.get("outcome", "")): float(s.value)
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 async def test_callbacks_unsent_when_the_executor_is_killed_go_out_at_its_next_start(

@@ -98,3 +98,12 @@ class _Collector:
                                 value=spool.pending if spool is not None else 0)
         yield CounterMetricFamily("task_job_redis_reconnects", "Times Redis came back after "
                                   "being unreachable", value=ex.link.reconnects)
+        callbacks = CounterMetricFamily("task_job_callbacks", "Completion callbacks, by outcome "
+                                        "(failed: attempts retried; set_aside: refused for good)",
+                                        labels=["outcome"])
+        for outcome, n in (("sent", ex.callbacks.sent), ("failed", ex.callbacks.failed),
+                           ("set_aside", ex.callbacks.dead)):
+            callbacks.add_metric([outcome], n)
+        yield callbacks
+        yield GaugeMetricFamily("task_job_callbacks_pending", "Callbacks not yet taken by their receivers",
+                                value=ex.callbacks.pending)

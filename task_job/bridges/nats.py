@@ -242,19 +242,31 @@ class NatsBridge:
                                 cmd_dir=self.config.cmd_dir, catalogue=self.executor.catalogue)
             await self.client.submit_message(message, by=f"nats:{self.subject}")
         except Refused as exc:
+            if await self._known(task_id):  # a redelivery of one refused before, or another's id
+                log.info("nats message refused for a known id: no second record",
+                         extra={"task_id": task_id, "reason": exc.reason})
+                return True
             self._refuse(task_id, data, exc.reason, exc.fields)
             return True
         except ProtocolError as exc:
             if "already known" in exc.reason:  # a redelivery: it was queued the first time
                 log.info("nats message for a known id: not run again", extra={"task_id": exc.task_id or task_id})
                 return True
-            self._refuse(exc.task_id or task_id, data, exc.reason, {"command": None})
+            if not await self._known(exc.task_id or task_id):
+                self._refuse(exc.task_id or task_id, data, exc.reason, {"command": None})
             return True
         except (BrokerError, ConnectionError, OSError, TimeoutError) as exc:
             log.warning("nats message not queued: redis unreachable", extra={"error": repr(exc)})
             return False
         log.info("task received over nats", extra={"task_id": message["id"], "subject": self.subject})
         return True
+
+    async def _known(self, task_id: str) -> bool:
+        """Whether an id has a state already (JetStream redelivers what it did not see acked)."""
+        try:
+            return (await self.client.whereabouts(task_id))[0] != "unknown"
+        except Exception:  # Redis away: refuse (again); a duplicate rejection beats a lost one
+            return False
 
     def _refuse(self, task_id: str, data: bytes, reason: str, fields: dict[str, Any]) -> None:
         """A message that is not a task: a rejected done record (as for a bad message on the
