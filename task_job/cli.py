@@ -502,7 +502,8 @@ def dispatch(config_path: str | None, redis_addr: str | None, queue_name: str | 
 @click.option("--socket", "server_socket", metavar="PATH", help="server_socket.")
 def api(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         server_port: int | None, server_socket: str | None) -> None:
-    """Serve the management API without running tasks (a control plane for a fleet)."""
+    """Serve the management API without running tasks (a control plane for a fleet); with
+    grpc_addr, the gRPC task scheduler's service too."""
     from task_job.logs import setup_logging
 
     config = _load(config_path, check_paths=False, redis_addr=redis_addr, queue_name=queue_name,
@@ -519,9 +520,17 @@ def api(config_path: str | None, redis_addr: str | None, queue_name: str | None,
         await server.start()
         if server.token_file:
             click.echo(f"task-job: admin token in {server.token_file}", err=True)
+        grpc_server = None
         try:
+            if config.grpc_addr:  # the gRPC service beside the API (grpc_addr)
+                from task_job.bridges import grpc as bridge
+
+                grpc_server = await bridge.serve(config, addr=config.grpc_addr, tls_cert=config.grpc_tls_cert,
+                                                 tls_key=config.grpc_tls_key, tls_ca=config.grpc_tls_ca)
             await stop.wait()
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(5)
             await server.stop()
 
     _serve_listener(serve(), "api")

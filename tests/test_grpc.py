@@ -231,7 +231,7 @@ async def test_an_executor_serves_the_service_itself_with_grpc_addr(
             await pb_grpc.TaskSchedulerStub(channel).GetResult(pb.ResultRequest(task_id="x"), timeout=5)
 
 
-async def test_task_job_grpc_serves_alone_and_refuses_an_open_listener(
+async def test_task_job_grpc_and_the_api_process_serve_it_and_an_open_listener_is_refused(
         make_config: Callable[..., Config], start_executor: Any, spawn_executor: Any, tmp_path: Path) -> None:
     import signal
 
@@ -253,3 +253,14 @@ async def test_task_job_grpc_serves_alone_and_refuses_an_open_listener(
         assert (reply.status, reply.result) == (pb.SUCCESS, "[cli]\n")
     server.signal(signal.SIGTERM)
     assert server.wait(30) == 0
+    # the API process serves it beside the API with grpc_addr
+    addr = f"127.0.0.1:{free_port()}"
+    api = spawn_executor("api", "--config", str(write_config(
+        tmp_path / "api.json", config, catalogue=str(catalogue), server_port=free_port(), grpc_addr=addr)))
+    await wait_until(lambda: "gRPC service listening" in api.output(), 30, interval=0.05, what="the API's gRPC")
+    async with grpc.aio.insecure_channel(addr) as channel:
+        reply = await pb_grpc.TaskSchedulerStub(channel).SubmitTask(
+            pb.TaskRequest(method="echo-args", args=[packed(wrappers_pb2.StringValue(value="api"))]))
+        assert (reply.status, reply.result) == (pb.SUCCESS, "[api]\n")
+    api.signal(signal.SIGTERM)
+    assert api.wait(30) == 0
