@@ -264,3 +264,34 @@ async def test_task_job_grpc_and_the_api_process_serve_it_and_an_open_listener_i
         assert (reply.status, reply.result) == (pb.SUCCESS, "[api]\n")
     api.signal(signal.SIGTERM)
     assert api.wait(30) == 0
+
+
+async def test_redis_away_is_unavailable_and_the_service_recovers(
+        own_redis: Any, make_config: Callable[..., Config], tmp_path: Path) -> None:
+    catalogue = tmp_path / "catalogue.json"
+    catalogue.write_text(orjson.dumps(ENTRIES).decode())
+    config = make_config(redis_addr=own_redis.url, catalogue=str(catalogue), redis_timeout=2.0)
+    addr = f"127.0.0.1:{free_port()}"
+    server = await bridge.serve(config, addr=addr)
+    try:
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = pb_grpc.TaskSchedulerStub(channel)
+            own_redis.stop()
+            for call, request in ((stub.GetResult, pb.ResultRequest(task_id="x")),
+                                  (stub.SubmitTask, pb.TaskRequest(method="echo-args", is_async=True))):
+                with pytest.raises(grpc.aio.AioRpcError) as away:
+                    await call(request, timeout=20)
+                assert away.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "redis unreachable" in (away.value.details() or "")
+            own_redis.start()
+
+            async def answers() -> bool:
+                try:
+                    await stub.GetResult(pb.ResultRequest(task_id="x"), timeout=20)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code() == grpc.StatusCode.NOT_FOUND
+                return False
+
+            await wait_until(answers, 30, interval=0.2, what="the service answering again")
+    finally:
+        await server.stop(1)

@@ -184,6 +184,34 @@ async def test_with_jetstream_what_is_published_while_stopped_runs_once_started_
         assert len(done_of(sync_redis, config, task_id)) == 1
 
 
-async def _acked(js: Any, config: Config) -> bool:
-    info = await js.consumer_info("PUEUE", f"task-job-{worker_id(config)}")
+async def _acked(js: Any, config: Config, stream: str = "PUEUE") -> bool:
+    info = await js.consumer_info(stream, f"task-job-{worker_id(config)}")
     return bool(info.num_ack_pending == 0 and info.num_pending == 0)
+
+
+async def test_jetstream_messages_taken_while_redis_is_away_are_redelivered_and_run_once(
+        own_redis: Any, make_config: Callable[..., Config], start_executor: Any, nats_url: str,
+        tmp_path: Path) -> None:
+    config = make_config(redis_addr=own_redis.url, nats_url=nats_url, nats_stream="OUTAGE",
+                         heartbeat_interval=0.2, dead_after=1.5, redis_timeout=2.0)
+    handle = await start_executor(config)
+    proof = tmp_path / "runs"
+    own_redis.stop()  # SIGTERM: the append-only file is complete
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        acks = [await js.publish(f"pueued.worker.{worker_id(config)}", f"count.sh {proof}".encode())
+                for _ in range(3)]
+        # taken from the stream, refused by Redis, not acknowledged
+        await wait_until(lambda: handle.executor.nats.received >= 3, 30, what="the messages tried")
+        info = await js.consumer_info("OUTAGE", f"task-job-{worker_id(config)}")
+        assert info.num_ack_pending + info.num_pending == 3
+        own_redis.start()
+        r = redis.Redis.from_url(own_redis.url)
+        for ack in acks:
+            assert (await wait_done(r, config, f"OUTAGE-{ack.seq}", timeout=30)).fields["status"] == "succeeded"
+        await wait_until(lambda: _acked(js, config, "OUTAGE"), 20, what="all acknowledged")
+        assert proof.read_text().count("run") == 3
+        r.close()
+    finally:
+        await nc.close()

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import orjson
 from google.protobuf import json_format, struct_pb2, wrappers_pb2
+from redis.exceptions import RedisError
 
 from task_job.api.auth import Principal, Tokens
 from task_job.bridges import taskscheduler_pb2 as pb
@@ -29,7 +30,7 @@ from task_job.bridges import taskscheduler_pb2_grpc as pb_grpc
 from task_job.catalogue import Catalogue, CatalogueFile
 from task_job.client import AsyncClient
 from task_job.config import Config, is_loopback
-from task_job.errors import ConfigError, ProtocolError
+from task_job.errors import BrokerError, ConfigError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,20 @@ class TaskScheduler(pb_grpc.TaskSchedulerServicer):
         return None
 
     async def SubmitTask(self, request: Any, context: Any) -> Any:  # noqa: N802 (the service's names)
+        return await self._unavailable_without_redis(self._submit(request, context), context)
+
+    async def GetResult(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return await self._unavailable_without_redis(self._get(request, context), context)
+
+    async def _unavailable_without_redis(self, call: Any, context: Any) -> Any:
+        """Redis away is UNAVAILABLE (a client retries that), not UNKNOWN."""
+        try:
+            return await call
+        except (RedisError, BrokerError, ConnectionError) as exc:
+            log.warning("gRPC call failed: redis unreachable", extra={"error": repr(exc)})
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unreachable: {type(exc).__name__}")
+
+    async def _submit(self, request: Any, context: Any) -> Any:
         principal = await self._principal(context, "submit")
         task_id = request.task_id or uuid.uuid4().hex
         entry = self.catalogue().get(request.method)
@@ -161,7 +176,7 @@ class TaskScheduler(pb_grpc.TaskSchedulerServicer):
             pass
         return pb.TaskResponse(**await self._result(task_id))
 
-    async def GetResult(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def _get(self, request: Any, context: Any) -> Any:
         await self._principal(context, "read")
         kind, _ = await self.client.whereabouts(request.task_id)
         if kind == "unknown":

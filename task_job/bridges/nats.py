@@ -30,6 +30,7 @@ import orjson
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
+from redis.exceptions import RedisError
 
 from task_job.catalogue import Catalogue
 from task_job.client import AsyncClient
@@ -255,8 +256,11 @@ class NatsBridge:
             if not await self._known(exc.task_id or task_id):
                 self._refuse(exc.task_id or task_id, data, exc.reason, {"command": None})
             return True
-        except (BrokerError, ConnectionError, OSError, TimeoutError) as exc:
+        except (BrokerError, RedisError, ConnectionError, OSError, TimeoutError) as exc:
             log.warning("nats message not queued: redis unreachable", extra={"error": repr(exc)})
+            return False
+        except Exception:  # a bug must not end the subscription: redelivered (JetStream) or lost (core)
+            log.exception("nats message not queued")
             return False
         log.info("task received over nats", extra={"task_id": message["id"], "subject": self.subject})
         return True
