@@ -215,3 +215,25 @@ async def test_jetstream_messages_taken_while_redis_is_away_are_redelivered_and_
         r.close()
     finally:
         await nc.close()
+
+
+async def test_a_core_nats_message_redis_cannot_take_yet_is_held_until_it_can(
+        own_redis: Any, make_config: Callable[..., Config], start_executor: Any, nats_url: str,
+        tmp_path: Path) -> None:
+    config = make_config(redis_addr=own_redis.url, nats_url=nats_url, heartbeat_interval=0.2,
+                         dead_after=1.5, redis_timeout=2.0)
+    handle = await start_executor(config)
+    proof = tmp_path / "runs"
+    own_redis.stop()
+    nc = await nats.connect(nats_url)
+    try:
+        for _ in range(2):
+            await nc.publish(f"pueued.worker.{worker_id(config)}", f"count.sh {proof}".encode())
+        await nc.flush()
+        await wait_until(lambda: handle.executor.nats.received >= 2, 30, what="a message tried")
+        own_redis.start()
+        await wait_until(lambda: proof.exists() and proof.read_text().count("run") == 2, 30,
+                         what="both run once Redis is back")
+        assert handle.executor.claimed == 2  # each once
+    finally:
+        await nc.close()

@@ -229,7 +229,17 @@ class NatsBridge:
     # -- messages --------------------------------------------------------------------------
 
     async def _core_message(self, msg: Any) -> None:
-        await self.handle(msg.data, uuid.uuid4().hex)
+        """Core NATS cannot redeliver: a message Redis cannot take yet is held and retried
+        (later messages wait behind it in the subscription, in order) until it is queued."""
+        task_id = uuid.uuid4().hex
+        attempt = 0
+        while not await self.handle(msg.data, task_id):
+            if self._stopping.is_set():
+                log.error("nats message lost: redis unreachable and the executor stops",
+                          extra={"task_id": task_id})
+                return
+            attempt += 1
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(attempt, 6)))
 
     async def handle(self, data: bytes, task_id: str) -> bool:
         """Turn one message into a task; True when it is settled (queued, a known id again,
