@@ -242,11 +242,10 @@ class Executor:
 
             self.api = ApiServer(cfg, executor=self)
             await self.api.start()
-        if cfg.nats_url:  # nats-py is imported only when it is used
+        if cfg.nats_url:  # nats-py is imported only when it is used; it connects in the background
             from task_job.bridges.nats import NatsBridge
 
             self.nats = NatsBridge(self)
-            await self.nats.start()
             self.callbacks.publishers[NATS_PREFIX] = self.nats.publish
         if cfg.grpc_addr:  # grpcio is imported only when it is used
             from task_job.bridges import grpc as grpc_bridge
@@ -268,6 +267,7 @@ class Executor:
                 sink = tg.create_task(self.sink.run())
                 http = tg.create_task(self.http.run()) if self.http else None
                 callbacks = tg.create_task(self.callbacks.run())
+                nats = tg.create_task(self.nats.run()) if self.nats is not None else None
                 background = [tg.create_task(self.fleet.heartbeat_loop()),
                               tg.create_task(self.fleet.reaper_loop()),
                               tg.create_task(self._control_loop()),
@@ -283,7 +283,7 @@ class Executor:
                     background.append(tg.create_task(self._caps_loop()))
                 await self._claim_loop(tg)
                 if self.nats is not None:
-                    await self.nats.stop_receiving()
+                    await self.nats.stop_receiving(nats)
                 self.broker.shorten_deadlines(SHUTDOWN_DEADLINE)
                 if self.link.connected_for() > 0:  # known unreachable: not worth a wait
                     await self.fleet.mark("draining")

