@@ -31,29 +31,27 @@ def file_stem(task_id: str) -> str:
     never appears unescaped otherwise)."""
     raw = task_id.encode("utf-8", "surrogatepass")
     stem = _UNSAFE.sub(lambda m: b"".join(b"%%%02X" % c for c in m.group()), raw).decode("ascii")
-    if len(stem) <= STEM_MAX:
-        return stem
-    head = stem[:100]
-    cut = head.rfind("%", len(head) - 2)
-    if cut >= 0:
-        head = head[:cut]  # not in the middle of an escape
-    return f"{head}~{hashlib.sha256(raw).hexdigest()[:40]}"
+    return _within_max(stem, raw)
 
 
 def shared_label_stem(label: str, task_id: str) -> str:
     """The file name of a task whose label another task already has (that day): the label's
     stem, '+', the id's stem ('+' is always escaped inside a stem, so this never collides with
     a label's own name or another pair); cut with a digest of both past STEM_MAX."""
-    stem = f"{file_stem(label)}+{file_stem(task_id)}"
+    return _within_max(f"{file_stem(label)}+{file_stem(task_id)}",
+                       label.encode("utf-8", "surrogatepass") + b"\0" + task_id.encode("utf-8", "surrogatepass"))
+
+
+def _within_max(stem: str, source: bytes) -> str:
+    """`stem`, or past STEM_MAX its first 100 characters (not cut inside an escape), '~' and a
+    digest of `source` (what the stem was made from)."""
     if len(stem) <= STEM_MAX:
         return stem
     head = stem[:100]
     cut = head.rfind("%", len(head) - 2)
     if cut >= 0:
-        head = head[:cut]
-    digest = hashlib.sha256(label.encode("utf-8", "surrogatepass") + b"\0"
-                            + task_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
-    return f"{head}~{digest}"
+        head = head[:cut]  # not in the middle of an escape
+    return f"{head}~{hashlib.sha256(source).hexdigest()[:40]}"
 
 
 class DiskErrors:
