@@ -93,26 +93,48 @@ class Catalogue:
 
 
 class CatalogueFile:
-    """The catalogue of a process without an executor (the API alone, the gRPC server): read
-    again when the file's mtime changes; a file that cannot be read keeps the last good one."""
+    """The catalogue at `path` as one process holds it (the executor, the API alone, the gRPC
+    server): `load` at start (an unreadable file raises), `reload` on SIGHUP, `current` reads
+    it again when its mtime changes. A file that cannot be read keeps the last good catalogue,
+    and one version of a broken file is read (and reported) once."""
 
     def __init__(self, path: str, path_env: str | None = None) -> None:
         self.path = path
         self.path_env = path_env
-        self._held: Catalogue | None = None
+        self.catalogue = Catalogue()
+        self._tried = 0.0  # mtime of the version last read, good or not
+
+    def load(self) -> Catalogue:
+        """Read it now; raises ConfigError when it cannot be read at all."""
+        if self.path:
+            try:
+                self._tried = os.stat(self.path).st_mtime
+            except OSError:
+                pass  # load() says why
+            self.catalogue = load(self.path, self.path_env)
+            for line in self.catalogue.errors:
+                log.error("catalogue entry left out", extra={"reason": line})
+            log.info("catalogue loaded", extra={"path": self.path, "entries": sorted(self.catalogue.entries)})
+        return self.catalogue
+
+    def reload(self) -> Catalogue:
+        """Read it again; on a file that cannot be read, keep the last good one (and say so)."""
+        try:
+            return self.load()
+        except ConfigError as exc:
+            log.error("catalogue not reloaded; the last good one stays", extra={"reason": str(exc)})
+            return self.catalogue
 
     def current(self) -> Catalogue:
-        if not self.path:
-            return Catalogue()
-        try:
-            if self._held is None or os.stat(self.path).st_mtime != self._held.mtime:
-                self._held = load(self.path, self.path_env)
-                for line in self._held.errors:
-                    log.error("catalogue entry left out", extra={"reason": line})
-        except Exception as exc:  # unreadable now: the last good one, or none
-            log.error("catalogue not read; the last good one stays", extra={"reason": str(exc)})
-            return self._held or Catalogue()
-        return self._held
+        """The catalogue, read again first if the file changed since it was last read."""
+        if self.path:
+            try:
+                mtime = os.stat(self.path).st_mtime
+            except OSError:
+                return self.catalogue  # gone for now: the last good one (SIGHUP reports why)
+            if mtime != self._tried:
+                self.reload()
+        return self.catalogue
 
 
 def _read(path: str) -> Any:

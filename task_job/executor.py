@@ -27,12 +27,11 @@ from task_job import __version__
 from task_job.broker import Broker, Oversize, parked_member
 from task_job.callbacks import NATS_PREFIX, REDIS_PREFIX, Callbacks, allowed, tail_lines
 from task_job.callbacks import body as callback_body
-from task_job.catalogue import Catalogue, Entry
-from task_job.catalogue import load as load_catalogue
+from task_job.catalogue import Catalogue, CatalogueFile, Entry
 from task_job.config import Config, cmd_dir_is_shared
 from task_job.confine import EnvPolicy, Policy
 from task_job.deps import end_waiting, hold, hold_values, refuse
-from task_job.errors import BrokerError, ConfigError, ConfinementError, ProtocolError
+from task_job.errors import BrokerError, ConfinementError, ProtocolError
 from task_job.files import TaskLogFile, prune
 from task_job.fleet import NETWORK_ERRORS, Fleet, Link, backoff
 from task_job.limits import Limits, count_processes, effective, tree_cpu
@@ -178,7 +177,7 @@ class Executor:
         self.group_limits: dict[str, int] = dict(config.groups)  # fleet-wide, from Redis
         self.scheduler = Scheduler(self.broker, dispatched=lambda: self.fleet.dispatched,
                                    state_ttl=config.task_ttl)
-        self.catalogue = Catalogue()  # named tasks (catalogue.py); loaded in run()
+        self._catalogue = CatalogueFile(config.catalogue, self._env.get("PATH"))  # loaded in run()
         self.callbacks = Callbacks(state_dir=Path(config.state_dir), executor=self.id,
                                    secret=config.callback_secret, timeout=config.http_timeout,
                                    publishers={REDIS_PREFIX: lambda channel, raw: self.broker.redis.publish(channel, raw)})
@@ -213,9 +212,7 @@ class Executor:
                 "cmd_dir is writable by other users: anyone who can write there can run code "
                 "as this executor; use a dedicated root-owned directory",
                 extra={"cmd_dir": cfg.cmd_dir})
-        if cfg.catalogue:  # a catalogue that cannot be read at all stops the start
-            self.catalogue = load_catalogue(cfg.catalogue, self._env.get("PATH"))
-            self._catalogue_loaded()
+        self._catalogue.load()  # a catalogue that cannot be read at all stops the start
         if not await self._connect():
             await self.broker.close()
             log.info("executor stopped before redis answered", extra={"executor": self.id})
@@ -594,34 +591,21 @@ class Executor:
         log.info("DAG accepted", extra={"task_id": dag.id, "tasks": len(dag.tasks)})
         return True
 
-    def reload_catalogue(self) -> None:
-        """SIGHUP, or the file changed: read the catalogue again; on a file that cannot be read
-        at all, keep the last good one (and say so)."""
-        if not self.config.catalogue:
-            return
-        try:
-            self.catalogue = load_catalogue(self.config.catalogue, self._env.get("PATH"))
-        except ConfigError as exc:
-            log.error("catalogue not reloaded; the last good one stays", extra={"reason": str(exc)})
-            return
-        self._catalogue_loaded()
+    @property
+    def catalogue(self) -> Catalogue:
+        """Named tasks (catalogue.py), as last read."""
+        return self._catalogue.catalogue
 
-    def _catalogue_loaded(self) -> None:
-        for line in self.catalogue.errors:
-            log.error("catalogue entry left out", extra={"reason": line})
-        log.info("catalogue loaded", extra={"path": self.config.catalogue,
-                                            "entries": sorted(self.catalogue.entries)})
+    def reload_catalogue(self) -> None:
+        """SIGHUP: read the catalogue again; on a file that cannot be read at all, keep the
+        last good one (and say so)."""
+        self._catalogue.reload()
 
     async def _catalogue_loop(self) -> None:
         """Reload when the file changes (looked at every two seconds)."""
         while True:
             await asyncio.sleep(2.0)
-            try:
-                mtime = os.stat(self.config.catalogue).st_mtime
-            except OSError:
-                continue
-            if mtime != self.catalogue.mtime:
-                self.reload_catalogue()
+            self._catalogue.current()
 
     async def _end_waiting(self) -> None:
         await end_waiting(self.broker, self.sink, self.id, self._ended_waiting)
