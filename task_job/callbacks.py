@@ -150,12 +150,14 @@ class Callbacks:
         self.failed = 0
         self.dead = 0
 
-    def send(self, destination: str, raw: bytes) -> None:
-        lane = self._lanes.get(destination)
-        if lane is None or lane.finished:
-            lane = self._lanes[destination] = _Lane(self, destination)
-            self._start(lane)
-        lane.add(raw)
+    def send(self, destinations: tuple[str, ...] | list[str], raw: bytes, task_id: str) -> None:
+        """Queue one callback (`raw`, of task `task_id`) for each destination."""
+        for destination in destinations:
+            lane = self._lanes.get(destination)
+            if lane is None or lane.finished:
+                lane = self._lanes[destination] = _Lane(self, destination)
+                self._start(lane)
+            lane.add(raw, task_id)
 
     def _start(self, lane: _Lane) -> None:
         task = asyncio.ensure_future(lane.run())
@@ -251,7 +253,7 @@ class _Lane:
         self.owner = owner
         self.destination = destination  # "" for a replayed spool: each frame names its own
         self.spool = spool
-        self.incoming: list[bytes] = []
+        self.incoming: list[tuple[bytes, str]] = []  # (callback, task id)
         self.wake = asyncio.Event()
         self.finished = False
         self.waiting = 0
@@ -259,8 +261,8 @@ class _Lane:
         self._writer: asyncio.Task[None] | None = None
         self._down_since: float | None = None
 
-    def add(self, raw: bytes) -> None:
-        self.incoming.append(raw)
+    def add(self, raw: bytes, task_id: str) -> None:
+        self.incoming.append((raw, task_id))
         self.waiting += 1
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write())
@@ -278,7 +280,7 @@ class _Lane:
         owner = self.owner
         while self.incoming:
             batch, self.incoming = self.incoming, []
-            calls: list[Call] = [("callback", self.destination, [], [raw]) for raw in batch]
+            calls: list[Call] = [("callback", self.destination, [task_id], [raw]) for raw, task_id in batch]
             try:
                 async with self._lock:
                     spool = await asyncio.to_thread(self._open)
@@ -331,21 +333,17 @@ class _Lane:
                 continue
             async with self._lock:
                 calls, offset = await asyncio.to_thread(spool.read, READ_BYTES)
-            for _, destination, _, args in calls:
+            for _, destination, ids, args in calls:
                 raw = args[0] if args and isinstance(args[0], bytes) else b""
-                if raw and not await self._one(destination, raw):
+                if raw and not await self._one(destination, raw, str(ids[0]) if ids else ""):
                     return  # closing with the receiver away: the rest stays spooled
             if calls:
                 async with self._lock:
                     await asyncio.to_thread(spool.commit, offset)
 
-    async def _one(self, destination: str, raw: bytes) -> bool:
+    async def _one(self, destination: str, raw: bytes, task_id: str) -> bool:
         """Send one callback until it is taken or refused; False when closing first."""
         owner = self.owner
-        try:
-            task_id = str(orjson.loads(raw).get("id", ""))
-        except orjson.JSONDecodeError:
-            task_id = ""
         attempt = 0
         while True:
             try:

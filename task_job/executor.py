@@ -621,8 +621,7 @@ class Executor:
         if destinations:
             raw = callback_body(task, orjson.loads(done), output="", log_path=None, log_size=None,
                                 executor=self.id)
-            for destination in destinations:
-                self.callbacks.send(destination, raw)
+            self.callbacks.send(destinations, raw, task.id)
 
     async def _is_for_me(self, raw: bytes, task: Task) -> bool:
         """A task for another executor goes to its queue; one whose labels this executor
@@ -831,14 +830,10 @@ class Executor:
         raw = callback_body(tr.task, done, output=tail_lines(bytes(tail), self.config.callback_lines),
                             log_path=log_path, log_size=log_size, executor=self.id)
 
-        def send(_: object = None) -> None:
-            for destination in tr.callbacks:
-                self.callbacks.send(destination, raw)
-
         if settled.done():
-            send()
+            self.callbacks.send(tr.callbacks, raw, tr.task.id)
         else:
-            settled.add_done_callback(send)
+            settled.add_done_callback(lambda _: self.callbacks.send(tr.callbacks, raw, tr.task.id))
 
     def _callbacks_for(self, task: Task, entry: Entry | None) -> tuple[str, ...]:
         """Where a task's completion goes: config's, its entry's, and task.callback when it
@@ -856,10 +851,9 @@ class Executor:
     async def _start_and_wait(self, tr: TaskRun) -> Outcome:
         task = tr.task
         cfg = self.config
-        entry = None
+        entry = self.catalogue.get(task.name) if task.name is not None else None
+        tr.callbacks = self._callbacks_for(task, entry)
         if task.name is not None:  # a catalogue entry: the operator's command, the request's args
-            entry = self.catalogue.get(task.name)
-            tr.callbacks = self._callbacks_for(task, entry)
             if entry is None:
                 raise ConfinementError(f"no catalogue entry {task.name!r}"
                                        + ("" if cfg.catalogue else " (no catalogue is configured)"))
@@ -867,8 +861,6 @@ class Executor:
                 raise ConfinementError(f"catalogue entry {task.name!r} runs on executors labelled "
                                        f"{orjson.dumps(entry.labels).decode()}; this one is not (submit "
                                        "it through the API, which places it, or give task.labels)")
-        else:
-            tr.callbacks = self._callbacks_for(task, None)
         if task.callback is not None and task.callback not in tr.callbacks:
             raise ConfinementError("task.callback is not under one of this executor's callback_allow "
                                    "prefixes" + ("" if cfg.callback_allow else " (none are configured)"))

@@ -32,6 +32,7 @@ from nats.js.api import ConsumerConfig, StreamConfig
 from nats.js.errors import NotFoundError
 from redis.exceptions import RedisError
 
+from task_job.callbacks import NATS_PREFIX
 from task_job.catalogue import Catalogue
 from task_job.client import AsyncClient
 from task_job.config import Config, redact_url
@@ -306,12 +307,12 @@ class NatsBridge:
         log.warning("nats message refused", extra={"task_id": task_id, "reason": reason})
         self.executor.reject_message(data, reason, task_id)
         now = time.time()
-        self.executor.callbacks.send("nats:" + self.callback_subject, orjson.dumps({
+        self.executor.callbacks.send([NATS_PREFIX + self.callback_subject], orjson.dumps({
             "id": task_id, "command": fields.get("command") or data.decode("utf-8", "replace")[:200],
             "result": "FailedToSpawn", "exit_code": None, "group": fields.get("group") or "default",
             "label": fields.get("label"), "start": None, "end": int(now), "output": "",
             "log_path": None, "log_size": None, "status": "rejected", "signal": None, "usage": None,
-            "summary": f"rejected: {reason}", "executor": self.config.executor_id}))
+            "summary": f"rejected: {reason}", "executor": self.config.executor_id}), task_id)
 
     async def _consumer(self) -> Any:
         """The durable pull consumer on nats_stream for this worker's subject (the stream is
