@@ -283,15 +283,6 @@ class AsyncClient:
                     return record
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def output(self, task_id: str, stream: str = "stdout", max_bytes: int = 64 << 10) -> bytes:
-        """A task's output on one stream as it is kept in Redis, its last `max_bytes`."""
-        kept = bytearray()
-        async for record in self.records(task_id):
-            if record.msg_type == stream:
-                kept += record.payload
-                del kept[:-max_bytes]
-        return bytes(kept)
-
     async def executors(self) -> list[dict[str, Any]]:
         """The registered executors, typed, with the age of their last heartbeat; `dead`
         when it is older than the executor's own dead_after (from its entry)."""

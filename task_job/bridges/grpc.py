@@ -174,26 +174,36 @@ class TaskScheduler(pb_grpc.TaskSchedulerServicer):
             await self.client.wait(task_id, timeout=self.config.sync_timeout)
         except TimeoutError:
             pass
-        return pb.TaskResponse(**await self._result(task_id))
+        result = await self._result(task_id)  # known: it was just submitted (or its id was)
+        return pb.TaskResponse(**(result or {"task_id": task_id, "status": pb.PENDING, "detail": "queued"}))
 
     async def _get(self, request: Any, context: Any) -> Any:
         await self._principal(context, "read")
-        kind, _ = await self.client.whereabouts(request.task_id)
-        if kind == "unknown":
+        result = await self._result(request.task_id)
+        if result is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r} (never seen, or expired)")
-        return pb.ResultResponse(**await self._result(request.task_id))
+        assert result is not None  # abort raises
+        return pb.ResultResponse(**result)
 
-    async def _result(self, task_id: str) -> dict[str, Any]:
+    async def _result(self, task_id: str) -> dict[str, Any] | None:
+        """The reply's fields for a task (None for an id nobody knows): its state, and once it
+        is finished its stdout and summary, read from its records in one pass."""
         kind, status = await self.client.whereabouts(task_id)
+        if kind == "unknown":
+            return None
         if kind != "finished":
             code = pb.RUNNING if kind == "running" else pb.PENDING
             return {"task_id": task_id, "status": code, "result": "", "detail": status or "queued"}
-        found = await self.client.task(task_id)
-        done = (found or {}).get("done") or {}
-        stdout = await self.client.output(task_id, "stdout", RESULT_BYTES)
+        stdout = bytearray()
+        summary = ""
+        async for record in self.client.records(task_id):
+            if record.msg_type == "stdout":
+                stdout += record.payload
+                del stdout[:-RESULT_BYTES]
+            elif record.is_done:
+                summary = record.data
         return {"task_id": task_id, "status": pb.SUCCESS if status == "succeeded" else pb.FAILED,
-                "result": stdout.decode("utf-8", "replace"),
-                "detail": f"{status}: {done.get('data', '')}".rstrip(": ")}
+                "result": stdout.decode("utf-8", "replace"), "detail": f"{status}: {summary}".rstrip(": ")}
 
 
 def _peer(context: Any) -> str:
