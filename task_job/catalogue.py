@@ -24,6 +24,7 @@ import orjson
 
 from task_job.confine import inspect
 from task_job.errors import ConfigError, ConfinementError, ProtocolError
+from task_job.files import NAMESPACE_RULE, is_namespace
 from task_job.limits import parse_limits
 from task_job.protocol import parse_selectors
 
@@ -238,9 +239,8 @@ def _entry(item: Any, path_env: str | None) -> Entry:
         raise ValueError(exc.reason.replace("'task.labels", "'labels")) from None
     limits = parse_limits(item["limits"], "limits") if item.get("limits") is not None else {}
     namespace = item.get("namespace") or ""
-    if namespace and (not isinstance(namespace, str) or not NAME.fullmatch(namespace)
-                      or re.fullmatch(r"\d{4}-\d{2}-\d{2}", namespace)):
-        raise ValueError("namespace: 1-100 letters, digits, '_', '.', '-', not a date (it is a folder name)")
+    if namespace and (not isinstance(namespace, str) or not is_namespace(namespace)):
+        raise ValueError(f"namespace: {NAMESPACE_RULE}")
     callback_url = item.get("callback_url") or ""
     if callback_url and (not isinstance(callback_url, str)
                          or not callback_url.startswith(("http://", "https://"))):

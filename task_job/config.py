@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from task_job.errors import ConfigError
+from task_job.files import NAMESPACE_RULE, is_namespace
 from task_job.limits import ENFORCED, parse_limits
 
 if TYPE_CHECKING:
@@ -584,10 +585,8 @@ def validate_callbacks(config: Config) -> None:
         raise ConfigError("callback_channel: a printable channel name")
     if config.callback_lines < 0:
         raise ConfigError("callback_lines: 0 or more")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", config.log_namespace) \
-            or re.fullmatch(r"\d{4}-\d{2}-\d{2}", config.log_namespace):
-        raise ConfigError("log_namespace: 1-100 letters, digits, '_', '.', '-', not a date "
-                          "(it is a folder name beside log_dir's date folders)")
+    if not is_namespace(config.log_namespace):
+        raise ConfigError(f"log_namespace: {NAMESPACE_RULE}")
 
 
 def is_loopback(host: str) -> bool:

@@ -20,6 +20,16 @@ log = logging.getLogger(__name__)
 _DATE_DIR = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+NAMESPACE_RULE = "1-100 letters, digits, '_', '.', '-', not a date (it is a folder name beside the date folders)"
+
+
+def is_namespace(name: str) -> bool:
+    """Whether a name may be a namespace folder of labelled tasks' files: a plain name that
+    prune() cannot take for a date folder."""
+    return bool(_NAMESPACE.fullmatch(name)) and not _DATE_DIR.fullmatch(name)
+
+
 _UNSAFE = re.compile(rb"[^A-Za-z0-9_.@:-]|^\.")
 STEM_MAX = 200  # + ".json": well within NAME_MAX (255)
 

@@ -66,7 +66,8 @@ async def backoff(attempt: int) -> None:
     await asyncio.sleep(min(5.0, 0.05 * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2))
 
 
-def _ip_address() -> str:
+def ip_address() -> str:
+    """This host's address as its name resolves (registry records), or loopback."""
     try:
         return socket.gethostbyname(socket.gethostname())
     except OSError:
@@ -131,7 +132,7 @@ class Fleet:
                     "control": self.keys.control_inbox(executor),
                     "queue": self.keys.queue, "version": __version__}
         event = {"instanceId": executor, "hostName": socket.gethostname(), "app": "task-job",
-                 "ipAddr": _ip_address(), "status": status, "metadata": metadata}
+                 "ipAddr": ip_address(), "status": status, "metadata": metadata}
         if executor != self.id:
             event["hostName"] = event["ipAddr"] = ""  # someone else's: host unknown here
             metadata["taken_over_by"] = self.id  # it died: this executor settled its tasks

@@ -37,6 +37,7 @@ from task_job.catalogue import Catalogue
 from task_job.client import AsyncClient
 from task_job.config import Config, redact_url
 from task_job.errors import BrokerError, ProtocolError
+from task_job.fleet import backoff, ip_address
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +130,6 @@ def _ssl(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def _address() -> str:
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
-
-
 class NatsBridge:
     """One executor's NATS side: its subject in, its registry record and callbacks out."""
 
@@ -169,7 +163,7 @@ class NatsBridge:
 
     async def _run(self) -> None:
         cfg = self.config
-        self._ip = await asyncio.to_thread(_address)
+        self._ip = await asyncio.to_thread(ip_address)
         self.nc = await nats.connect(
             servers=[u.strip() for u in cfg.nats_url.split(",")], name=f"task-job {cfg.executor_id}",
             user_credentials=cfg.nats_creds or None, tls=_ssl(cfg), allow_reconnect=True,
@@ -258,7 +252,7 @@ class NatsBridge:
                           extra={"task_id": task_id})
                 return
             attempt += 1
-            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(attempt, 6)))
+            await backoff(attempt)
 
     async def handle(self, data: bytes, task_id: str) -> bool:
         """Turn one message into a task; True when it is settled (queued, a known id again,
