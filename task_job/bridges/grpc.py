@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,17 +101,13 @@ def _whole(value: Any) -> Any:
 
 class TaskScheduler(pb_grpc.TaskSchedulerServicer):
     def __init__(self, client: AsyncClient, config: Config, tokens: Tokens, *, open_access: bool,
-                 catalogue: Any = None) -> None:
+                 catalogue: Callable[[], Catalogue] | None = None) -> None:
         self.client = client
         self.config = config
         self.tokens = tokens
         self.open_access = open_access  # loopback, or mutual TLS: no token needed
-        self._catalogue = catalogue or CatalogueFile(config.catalogue)
-
-    def catalogue(self) -> Catalogue:
-        got = self._catalogue.current() if isinstance(self._catalogue, CatalogueFile) else self._catalogue()
-        assert isinstance(got, Catalogue)
-        return got
+        # the executor's own catalogue, or (served alone) the config's file, read on change
+        self.catalogue = catalogue or CatalogueFile(config.catalogue).current
 
     async def _principal(self, context: Any, scope: str) -> Principal | None:
         header = dict(context.invocation_metadata() or ()).get("authorization", "")
@@ -231,7 +228,8 @@ def check_listen(addr: str, tls_cert: str, tls_ca: str, tokens: Tokens | None) -
 
 
 async def serve(config: Config, *, addr: str = DEFAULT_ADDR, tls_cert: str = "", tls_key: str = "",
-                tls_ca: str = "", client: AsyncClient | None = None, catalogue: Any = None) -> Any:
+                tls_ca: str = "", client: AsyncClient | None = None,
+                catalogue: Callable[[], Catalogue] | None = None) -> Any:
     """Start the service; returns the grpc.aio server (stop it with `await server.stop(grace)`)."""
     if bool(tls_cert) != bool(tls_key):
         raise ConfigError("grpc: --tls-cert and --tls-key go together")
