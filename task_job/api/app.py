@@ -46,6 +46,7 @@ class Service:
     executor: Any = None
     started: float = field(default_factory=time.monotonic)
     _snapshot: tuple[float, bytes] = (0.0, b"")  # the fleet snapshot events share (when, JSON)
+    _snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _catalogue: CatalogueFile | None = None
 
     @property
@@ -56,7 +57,6 @@ class Service:
         if self._catalogue is None:
             self._catalogue = CatalogueFile(self.config.catalogue)
         return self._catalogue.current()
-    _snapshot_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def snapshot(self, max_age: float) -> bytes:
         """The executors and the queues' depths, read at most once per `max_age` seconds

@@ -35,15 +35,11 @@ def _app() -> Any:
     return app
 
 
-def _catalogue(service: Any) -> Any:
-    return service.catalogue
-
-
 def with_entry_labels(service: Any, body: dict[str, Any]) -> None:
     """A named task without labels of its own is placed by its entry's `labels`."""
     spec = body.get("task")
     if isinstance(spec, dict) and isinstance(spec.get("name"), str) and not spec.get("labels"):
-        entry = _catalogue(service).get(spec["name"])
+        entry = service.catalogue.get(spec["name"])
         if entry is not None and entry.labels:
             spec["labels"] = dict(entry.labels)
 
@@ -66,7 +62,7 @@ async def _start(request: web.Request) -> tuple[Any, str]:
     app = _app()
     service = request.app[app.SERVICE]
     cluster, name = request.match_info["cluster"], request.match_info["name"]
-    entry = _catalogue(service).get(name)
+    entry = service.catalogue.get(name)
     if entry is None or entry.route != f"{cluster}/{name}":
         raise app.ApiError(404, "not_found", f"no catalogue entry /{cluster}/{name} (GET /list)")
     principal = app.principal_of(request)
@@ -169,7 +165,7 @@ async def kill(request: web.Request) -> web.Response:
 async def listing(request: web.Request) -> web.Response:
     service = request.app[_app().SERVICE]
     rows = []
-    for entry in sorted(_catalogue(service).entries.values(), key=lambda e: e.route):
+    for entry in sorted(service.catalogue.entries.values(), key=lambda e: e.route):
         rows += [{"method": "POST", "path": f"/async/{entry.route}"},
                  {"method": "POST", "path": f"/sync/{entry.route}"}]
     rows += [{"method": "POST", "path": "/async/kill"}, {"method": "POST", "path": "/async/query"},
