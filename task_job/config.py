@@ -261,9 +261,12 @@ class Config:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by `***`, fit for logs."""
+    """The URL with any password replaced by `***`, fit for logs; a comma-separated list of
+    URLs (nats_url's cluster) has each of its URLs redacted."""
     if "://" not in url:
         return url
+    if url.count("://") > 1:
+        return ",".join(redact_url(part) for part in url.split(","))
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url

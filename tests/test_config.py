@@ -66,6 +66,11 @@ def test_password_never_shows_in_repr() -> None:
     cfg = Config(redis_addr="redis://user:s3cret@host:6379/0")
     assert "s3cret" not in repr(cfg)
     assert redact_url(cfg.redis_addr) == "redis://user:***@host:6379/0"
+    # every URL of a NATS cluster list, the callback URL and its signing secret
+    cfg = Config(nats_url="nats://a:s3cret@h1:4222,nats://b:s3cret@h2:4222",
+                 callback_url="https://hook:s3cret@example.com/done", callback_secret="s3cret")
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.redacted())
+    assert cfg.redacted()["nats_url"] == "nats://a:***@h1:4222,nats://b:***@h2:4222"
 
 
 def test_example_config_loads_and_lists_every_key() -> None:
