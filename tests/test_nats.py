@@ -290,3 +290,31 @@ async def test_an_executor_whose_nats_is_away_serves_redis_and_joins_nats_when_i
         await wait_until(lambda: proof.read_text().count("run") == 2, 20, what="the NATS task")
     finally:
         await nc.close()
+
+
+async def test_hostile_messages_are_refused_clearly_and_the_executor_serves_on(
+        make_config: Callable[..., Config], start_executor: Any, sync_redis: redis.Redis,
+        dispatcher: tuple[Any, Listener, Listener], nats_url: str, tmp_path: Path) -> None:
+    nc, callbacks, _ = dispatcher
+    config = make_config(nats_url=nats_url, max_message_bytes=64 << 10)
+    handle = await start_executor(config)
+    await nats_ready(handle)
+    subject = f"pueued.worker.{worker_id(config)}"
+    proof = tmp_path / "pwned"
+    for body in ({"id": "bad\nid", "command": "args.sh x"}, {"id": "x" * 300, "command": "args.sh x"},
+                 {"command": "args.sh x", "envs": {"A": "y" * (200 << 10)}}):
+        await nc.publish(subject, orjson.dumps(body))
+    await nc.publish(subject, f"args.sh ; touch {proof} $(touch {proof}) `touch {proof}`".encode())
+    await nc.flush()
+    await wait_until(lambda: len(callbacks.messages) == 4, 20, what="four callbacks")
+    refused = [m for m in callbacks.messages if m["status"] == "rejected"]
+    assert len(refused) == 3 and {m["id"] for m in refused}.isdisjoint({"bad\nid", "x" * 300})
+    reasons = sorted(m["summary"] for m in refused)
+    assert any("control characters" in r for r in reasons) and any("longer than" in r for r in reasons)
+    assert any("exceeds" in r for r in reasons), reasons
+    ran = next(m for m in callbacks.messages if m["status"] != "rejected")
+    lines = ran["output"].split("\n")  # words, never shell: each metacharacter arrives literally
+    assert ran["status"] == "succeeded" and {"[;]", "[$(touch]", "[`touch]", f"[{proof})]"} <= set(lines)
+    assert not proof.exists()
+    for m in refused:  # each refusal is in Redis too, under the id the bridge gave it
+        assert done_of(sync_redis, config, m["id"])[0].fields["status"] == "rejected"
