@@ -295,3 +295,23 @@ async def test_redis_away_is_unavailable_and_the_service_recovers(
             await wait_until(answers, 30, interval=0.2, what="the service answering again")
     finally:
         await server.stop(1)
+
+
+async def test_hostile_requests_get_clear_refusals_and_the_service_serves_on(
+        scheduler: tuple[Config, str]) -> None:
+    _, addr = scheduler
+    async with grpc.aio.insecure_channel(addr) as channel:
+        stub = pb_grpc.TaskSchedulerStub(channel)
+        for request, says in (
+                (pb.TaskRequest(task_id="bad\nid", method="echo-args"), "control characters"),
+                (pb.TaskRequest(task_id="x" * 300, method="echo-args"), "longer than"),
+                (pb.TaskRequest(method="echo-args", args=[packed(wrappers_pb2.StringValue(value="y" * (2 << 20)))]),
+                 "exceeds"),
+                (pb.TaskRequest(method="echo-args", deps=["bad\ndep"]), "depends_on"),
+                (pb.TaskRequest(method="../echo-args"), "catalogue entry")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.SubmitTask(request)
+            assert refused.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+            assert says in (refused.value.details() or ""), refused.value.details()
+        reply = await stub.SubmitTask(pb.TaskRequest(method="echo-args", args=[packed(wrappers_pb2.StringValue(value="ok"))]))
+        assert (reply.status, reply.result) == (pb.SUCCESS, "[ok]\n")
